@@ -1,0 +1,45 @@
+"""Did it work? Diagnostics of a fitted guide in the terms of ArviZ and Yao et al. (2018).
+
+* :func:`to_inference_data`: model, guide and data to an ArviZ ``InferenceData`` (posterior,
+  posterior predictive, pointwise log-likelihood, observed data, importance weights);
+* :func:`psis_diagnostic`: PSIS k-hat of the guide as an importance proposal, whole-trace or per
+  data point, with effective sample sizes;
+* :func:`log_evidence`: importance-sampled :math:`\\log p(x)` with a standard error;
+* :func:`importance_resample`: posterior draws resampled by importance weight;
+* :func:`iw_bound_curve`, :func:`plot_bound_vs_k`, :func:`plot_khat`: bounds versus ``K`` and
+  k-hat across the dataset, with matplotlib.
+"""
+
+from pyro_vi_ext.diagnostics.arviz_export import to_inference_data
+from pyro_vi_ext.diagnostics.importance import (
+    BoundCurve,
+    EvidenceResult,
+    PSISResult,
+    ResampledPosterior,
+    bound_curve_from_log_weights,
+    importance_resample,
+    iw_bound_curve,
+    khat_threshold,
+    log_evidence,
+    psis_diagnostic,
+    psis_from_log_weights,
+)
+from pyro_vi_ext.diagnostics.plots import plot_bound_curve, plot_bound_vs_k, plot_khat
+
+__all__ = [
+    "BoundCurve",
+    "EvidenceResult",
+    "PSISResult",
+    "ResampledPosterior",
+    "bound_curve_from_log_weights",
+    "importance_resample",
+    "iw_bound_curve",
+    "khat_threshold",
+    "log_evidence",
+    "plot_bound_curve",
+    "plot_bound_vs_k",
+    "plot_khat",
+    "psis_diagnostic",
+    "psis_from_log_weights",
+    "to_inference_data",
+]

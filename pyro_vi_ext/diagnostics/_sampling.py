@@ -1,0 +1,447 @@
+"""Guide draws pushed through the model in chunks of vectorized particles.
+
+Every diagnostic needs the same thing: ``S`` draws ``z_s ~ q(z | x)`` and, per draw and per data
+point, ``log p(x, z_s)`` and ``log q(z_s | x)``. :func:`~pyro_vi_ext.infer._weights.trace_particles`
+computes them for one block of particles; this module runs it block by block (so that ``S = 10,000``
+fits in memory), with the minibatch of a subsampled plate frozen across blocks, and keeps what the
+ArviZ export needs (latent values, log-likelihoods, observations) in a plate-aware layout.
+
+Layout of a site's draws: a *padded* array ``[S, b_1, ..., b_L, e_1, ..., e_E]`` with exactly
+``L = plate_nesting`` batch dims right of the particle dim and the site's ``E`` event dims. A batch
+dim that belongs to one of the site's plates is named after the plate; any other batch dim of size
+one is one of Pyro's broadcasting singletons and is dropped on export; remaining dims are named
+``"{site}_dim_{k}"`` as ArviZ does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
+
+from pyro_vi_ext.infer._weights import (
+    PARTICLE_PLATE,
+    ParticleWeights,
+    PointPlate,
+    guess_plate_nesting,
+    sample_sites,
+    site_log_prob,
+    site_plate_frames,
+    site_subsample_factor,
+    trace_particles,
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A model and guide prepared for repeated particle runs on the same data (and minibatch)."""
+
+    model: Callable
+    guide: Callable
+    args: tuple
+    kwargs: dict
+    nesting: int
+    subsample_indices: dict[str, np.ndarray]
+
+
+def prepare(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: int | None,
+) -> Setup:
+    """Freeze the minibatch of every self-subsampling plate and settle the plate nesting.
+
+    A ``pyro.plate(..., subsample_size=B)`` draws new indices on every run, which would pair the
+    particles of different blocks with different data points. One run of the guide and the replayed
+    model records those indices; both are then replayed with them in every block.
+    """
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    frozen = poutine.Trace()
+    for trace in (guide_trace, model_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and isinstance(site["fn"], _Subsample):
+                if name not in frozen:
+                    frozen.add_node(name, **site)
+    indices = {name: frozen.nodes[name]["value"].detach().cpu().numpy() for name in frozen.nodes}
+    if frozen.nodes:
+        model = poutine.replay(model, trace=frozen)
+        guide = poutine.replay(guide, trace=frozen)
+    if max_plate_nesting is None:
+        nesting = guess_plate_nesting(model, guide, args, kwargs)
+    else:
+        if int(max_plate_nesting) != max_plate_nesting or max_plate_nesting < 0:
+            raise ValueError(
+                f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
+            )
+        nesting = int(max_plate_nesting)
+    return Setup(model, guide, tuple(args), dict(kwargs), nesting, indices)
+
+
+def check_counts(num_samples: int, chunk_size: int, minimum: int = 1) -> None:
+    for label, value, low in (("num_samples", num_samples, minimum), ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
+
+
+def is_deterministic(site: dict) -> bool:
+    return bool(site["infer"].get("_deterministic", False))
+
+
+def _warn_on_tempering(weights: ParticleWeights) -> None:
+    scales = set()
+    for trace in (weights.model_trace, weights.guide_trace):
+        for _, site in sample_sites(trace):
+            scale = site["scale"]
+            if isinstance(scale, torch.Tensor):
+                if scale.numel() != 1:
+                    scales.add(None)
+                    continue
+                scale = float(scale)
+            scales.add(float(scale) / site_subsample_factor(site))
+    if len(scales) > 1:
+        warnings.warn(
+            "The model or guide scales some sites by different factors (poutine.scale, e.g. "
+            "KL annealing), so the log importance weights are tempered and the diagnostics refer "
+            "to the tempered density. Evaluate with every scale set to 1 to diagnose the model "
+            "itself.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def particle_blocks(setup: Setup, num_samples: int, chunk_size: int) -> Iterator[ParticleWeights]:
+    """Yield :class:`ParticleWeights` for consecutive blocks of at most ``chunk_size`` particles."""
+    done = 0
+    first: tuple[PointPlate, ...] | None = None
+    while done < num_samples:
+        size = min(chunk_size, num_samples - done)
+        with torch.no_grad(), poutine.block():
+            weights = trace_particles(
+                setup.model,
+                setup.guide,
+                setup.args,
+                setup.kwargs,
+                num_particles=size,
+                plate_nesting=setup.nesting,
+            )
+        if first is None:
+            first = weights.point_plates
+            _warn_on_tempering(weights)
+        elif weights.point_plates != first:
+            raise ValueError(
+                "The data plates changed between blocks of particles "
+                f"({first} then {weights.point_plates}); the model must have static structure."
+            )
+        yield weights
+        done += size
+
+
+def collect_log_weights(
+    setup: Setup, num_samples: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[PointPlate, ...]]:
+    """``[S, P]`` float64 arrays ``log p(x, z)`` and ``log q(z | x)``, and the point plates."""
+    log_p, log_q, plates = [], [], ()
+    for weights in particle_blocks(setup, num_samples, chunk_size):
+        log_p.append(_numpy(weights.log_p, np.float64))
+        log_q.append(_numpy(weights.log_q, np.float64))
+        plates = weights.point_plates
+    return np.concatenate(log_p), np.concatenate(log_q), plates
+
+
+def _numpy(tensor: torch.Tensor, dtype=None) -> np.ndarray:
+    array = tensor.detach().cpu().numpy()
+    return array.astype(dtype) if dtype is not None else array
+
+
+class LogMeanExp:
+    """Streaming per-point ``log (1/S) sum_s w_s`` with the moments its standard error needs.
+
+    Keeps, per point, a shift ``m`` and ``s1 = sum_s exp(lw_s - m)``, ``s2 = sum_s exp(2 (lw_s -
+    m))`` in float64, rescaling both when a later block raises the maximum.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: np.ndarray | None = None
+        self.s1: np.ndarray | None = None
+        self.s2: np.ndarray | None = None
+
+    def update(self, log_weights: np.ndarray) -> None:
+        log_weights = np.asarray(log_weights, dtype=np.float64)
+        if np.isnan(log_weights).any() or np.isposinf(log_weights).any():
+            raise ValueError("log importance weights contain NaN or +inf")
+        block_max = log_weights.max(0)
+        new = block_max if self.shift is None else np.maximum(self.shift, block_max)
+        new = np.where(np.isfinite(new), new, 0.0)
+        scaled = np.exp(log_weights - new)
+        s1, s2 = scaled.sum(0), np.square(scaled).sum(0)
+        if self.shift is not None:
+            with np.errstate(over="ignore"):
+                factor = np.where(self.s1 > 0, np.exp(self.shift - new), 0.0)
+            s1 = s1 + self.s1 * factor
+            s2 = s2 + self.s2 * np.square(factor)
+        self.shift, self.s1, self.s2 = new, s1, s2
+        self.count += log_weights.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per point: log-mean-exp, its delta-method standard error, and the ESS."""
+        if self.shift is None:
+            raise ValueError("no log weights were added")
+        n = self.count
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = self.shift + np.log(self.s1) - math.log(n)
+            inverse_ess = self.s2 / np.square(self.s1)
+            ess = 1.0 / inverse_ess
+            if n > 1:
+                variance = n / (n - 1) * np.clip(inverse_ess - 1.0 / n, 0.0, None)
+                se = np.sqrt(variance)
+            else:
+                se = np.full_like(value, np.nan)
+        se = np.where(self.s1 > 0, se, np.nan)
+        return value, se, ess
+
+
+# -- draws for export --------------------------------------------------------------------------
+
+
+@dataclass
+class SiteDraws:
+    """The padded draws ``[S, b_1..b_L, e_1..e_E]`` of one site, with what naming them needs."""
+
+    name: str
+    event_dim: int
+    plate_dims: dict[int, str]  # batch position (negative, from the right of the batch) -> plate
+    blocks: list[np.ndarray] = field(default_factory=list)
+    device: torch.device | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if len(self.blocks) != 1:
+            self.blocks = [np.concatenate(self.blocks)]
+        return self.blocks[0]
+
+    def layout(self, nesting: int) -> tuple[list[int], list[str]]:
+        """Axes of the padded array (after the draw axis) kept on export, and their names."""
+        shape = self.array.shape[1:]
+        keep, names, counter = [], [], 0
+        for axis, size in enumerate(shape):
+            position = axis - nesting  # negative for batch dims, >= 0 for event dims
+            if position < 0 and position in self.plate_dims:
+                keep.append(axis)
+                names.append(self.plate_dims[position])
+                continue
+            if position < 0 and size == 1:
+                continue  # a broadcasting singleton of Pyro's plates
+            keep.append(axis)
+            names.append(f"{self.name}_dim_{counter}")
+            counter += 1
+        return keep, names
+
+    def squeezed(self, nesting: int, array: np.ndarray | None = None) -> np.ndarray:
+        array = self.array if array is None else array
+        keep, _ = self.layout(nesting)
+        return array.reshape((array.shape[0], *[array.shape[1 + a] for a in keep]))
+
+
+def _pad(value: torch.Tensor, nesting: int, event_dim: int, size: int, name: str) -> torch.Tensor:
+    batch_ndim = value.dim() - event_dim
+    if batch_ndim > nesting + 1:
+        raise ValueError(
+            f"Site '{name}' has batch shape {tuple(value.shape[:batch_ndim])} with more dims "
+            f"than the {nesting} plate dims plus the particle dim; declare every batch dim with "
+            "a pyro.plate (or .to_event) or pass a larger max_plate_nesting."
+        )
+    value = value.reshape((1,) * (nesting + 1 - batch_ndim) + tuple(value.shape))
+    if value.shape[0] != size:
+        if value.shape[0] != 1:
+            raise ValueError(
+                f"Site '{name}': leading batch dim {value.shape[0]} is neither 1 nor the "
+                f"number of particles {size}."
+            )
+        value = value.expand((size, *value.shape[1:]))
+    return value
+
+
+def _site_event_dim(site: dict, nesting: int) -> int:
+    event_dim = site["fn"].event_dim
+    if is_deterministic(site):
+        value = site["value"]
+        if event_dim == value.dim():  # pyro.deterministic's default: the whole value is event
+            event_dim = max(value.dim() - (nesting + 1), 0)
+    return event_dim
+
+
+def _new_site(name: str, site: dict, event_dim: int) -> SiteDraws:
+    plate_dims = {frame.dim: plate for plate, frame in site_plate_frames(site).items()}
+    return SiteDraws(name=name, event_dim=event_dim, plate_dims=plate_dims)
+
+
+@dataclass
+class Draws:
+    """Everything the ArviZ export reads, for ``S`` guide draws."""
+
+    nesting: int
+    point_plates: tuple[PointPlate, ...]
+    plate_sizes: dict[str, int]
+    latents: dict[str, SiteDraws]
+    deterministic: dict[str, SiteDraws]
+    log_likelihood: dict[str, SiteDraws]
+    observed: dict[str, SiteDraws]
+    log_p: np.ndarray
+    log_q: np.ndarray
+
+    @property
+    def log_weights(self) -> np.ndarray:
+        return self.log_p - self.log_q
+
+
+def collect_draws(setup: Setup, num_samples: int, chunk_size: int) -> Draws:
+    """Run the guide and model in blocks and keep latents, log-likelihoods and observations."""
+    nesting = setup.nesting
+    latents: dict[str, SiteDraws] = {}
+    deterministic: dict[str, SiteDraws] = {}
+    log_likelihood: dict[str, SiteDraws] = {}
+    observed: dict[str, SiteDraws] = {}
+    plate_sizes: dict[str, int] = {}
+    log_p, log_q = [], []
+    plates: tuple[PointPlate, ...] = ()
+    for weights in particle_blocks(setup, num_samples, chunk_size):
+        size = weights.num_particles
+        plates = weights.point_plates
+        log_p.append(_numpy(weights.log_p, np.float64))
+        log_q.append(_numpy(weights.log_q, np.float64))
+        for name, site in sample_sites(weights.model_trace):
+            for plate, frame in site_plate_frames(site).items():
+                plate_sizes[plate] = int(frame.size)
+            if is_deterministic(site):
+                event_dim = _site_event_dim(site, nesting)
+                entry = deterministic.setdefault(name, _new_site(name, site, event_dim))
+                value = _pad(site["value"], nesting, event_dim, size, name)
+                entry.blocks.append(_numpy(value))
+            elif site["is_observed"]:
+                entry = log_likelihood.setdefault(name, _new_site(name, site, 0))
+                entry.blocks.append(_numpy(_pad(site_log_prob(site), nesting, 0, size, name)))
+                if name not in observed:
+                    observed[name] = _observed(name, site, nesting)
+            else:
+                event_dim = site["fn"].event_dim
+                entry = latents.setdefault(name, _new_site(name, site, event_dim))
+                value = site["value"]
+                entry.device = value.device
+                entry.blocks.append(_numpy(_pad(value, nesting, event_dim, size, name)))
+    return Draws(
+        nesting=nesting,
+        point_plates=plates,
+        plate_sizes=plate_sizes,
+        latents=latents,
+        deterministic=deterministic,
+        log_likelihood=log_likelihood,
+        observed=observed,
+        log_p=np.concatenate(log_p),
+        log_q=np.concatenate(log_q),
+    )
+
+
+def _observed(name: str, site: dict, nesting: int) -> SiteDraws:
+    """The observation, broadcast to the site's batch shape, as a one-draw padded array."""
+    fn, value = site["fn"], site["value"]
+    event_dim = fn.event_dim
+    value_batch = value.shape[: value.dim() - event_dim]
+    batch = torch.broadcast_shapes(fn.batch_shape, value_batch)
+    batch = (1,) * (nesting + 1 - len(batch)) + tuple(batch)
+    shape = (1, *batch[1:], *value.shape[value.dim() - event_dim :])
+    entry = _new_site(name, site, event_dim)
+    entry.blocks.append(_numpy(torch.broadcast_to(value, shape)))
+    return entry
+
+
+def gather(array: np.ndarray, index: np.ndarray, plates: tuple[PointPlate, ...], nesting: int):
+    """Pick draws ``index[j, p]`` of a padded array, independently for every data point ``p``.
+
+    ``index`` is ``[J, P]`` with ``P`` the flattened point plates (C order, plates left to right,
+    as in :class:`ParticleWeights`). Whole-trace draws (``P = 1``) take whole draws.
+    """
+    draws = index.shape[0]
+    shape = [draws] + [1] * (array.ndim - 1)
+    for plate in plates:
+        shape[1 + nesting + plate.dim] = plate.size
+    index = index.reshape(shape)
+    target = [draws, *np.broadcast_shapes(array.shape[1:], tuple(shape[1:]))]
+    source = np.broadcast_to(array, [array.shape[0], *target[1:]])
+    return np.take_along_axis(source, np.broadcast_to(index, target), axis=0)
+
+
+def resample_indices(
+    log_weights: np.ndarray, num_draws: int, smoothed: np.ndarray | None = None
+) -> np.ndarray:
+    """``[num_draws, P]`` multinomial resampling indices, per point, from ``[S, P]`` weights."""
+    source = log_weights if smoothed is None else smoothed
+    probs = torch.softmax(torch.as_tensor(source, dtype=torch.float64), dim=0)
+    if not torch.isfinite(probs).all():
+        raise ValueError("cannot resample: some data point has no draw with positive weight")
+    index = torch.multinomial(probs.T.contiguous(), num_draws, replacement=True)
+    return index.T.numpy()
+
+
+class _UnconditionObserved(UnconditionMessenger):
+    """Sample observed sites afresh; keep ``pyro.deterministic`` sites as computed.
+
+    (A deterministic site is an observed ``Delta`` whose default ``event_dim`` covers the whole
+    value, particle dim included; sampling it would duplicate the batch dims.)
+    """
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["infer"].get("_deterministic"):
+            return
+        super()._pyro_sample(msg)
+
+
+def predictive(
+    setup: Setup,
+    latents: dict[str, SiteDraws],
+    values: dict[str, np.ndarray],
+    total: int,
+    chunk_size: int,
+) -> dict[str, SiteDraws]:
+    """Sample every observed site of the model given ``total`` latent draws (padded arrays)."""
+    nesting = setup.nesting
+    out: dict[str, SiteDraws] = {}
+    start = 0
+    while start < total:
+        size = min(chunk_size, total - start)
+        trace = poutine.Trace()
+        for name, array in values.items():
+            site = latents[name]
+            tensor = torch.as_tensor(array[start : start + size], device=site.device)
+            trace.add_node(
+                name, type="sample", name=name, value=tensor, is_observed=False, infer={}
+            )
+        model = pyro.plate(PARTICLE_PLATE, size, dim=-(nesting + 1))(setup.model)
+        with torch.no_grad(), poutine.block():
+            predicted = poutine.trace(
+                poutine.replay(_UnconditionObserved()(model), trace=trace)
+            ).get_trace(*setup.args, **setup.kwargs)
+        for name, site in predicted.nodes.items():
+            if site["type"] != "sample" or not site["infer"].get("was_observed"):
+                continue
+            if is_deterministic(site) or isinstance(site["fn"], _Subsample):
+                continue
+            event_dim = site["fn"].event_dim
+            entry = out.setdefault(name, _new_site(name, site, event_dim))
+            entry.blocks.append(_numpy(_pad(site["value"], nesting, event_dim, size, name)))
+        start += size
+    return out

@@ -1,0 +1,277 @@
+r"""Export a fitted guide to ArviZ: posterior, predictive, log-likelihood, data and weights.
+
+Pyro's ``arviz.from_pyro`` converts MCMC runs only. :func:`to_inference_data` builds the same
+object from a model, a guide and the data, so that the ArviZ toolbox (``az.summary``,
+``az.plot_posterior``, ``az.plot_ppc``, ``az.loo``, netCDF files) applies to variational
+inference, and adds the importance weights that diagnose the guide [1]_.
+
+References
+----------
+.. [1] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational
+   Inference", ICML 2018.
+.. [2] J. Domke, D. Sheldon, "Importance Weighting and Variational Inference", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyro
+
+from pyro_vi_ext.diagnostics import _arviz_compat
+from pyro_vi_ext.diagnostics._sampling import (
+    SiteDraws,
+    check_counts,
+    collect_draws,
+    predictive,
+    prepare,
+)
+from pyro_vi_ext.diagnostics.importance import resampled_draws
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("pyro-vi-ext")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def _attr_value(value: Any) -> Any:
+    """netCDF accepts str, numbers and arrays of them (not bool, not None)."""
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, int | float | str | np.integer | np.floating):
+        return value
+    return str(value)
+
+
+def _loss_attrs(loss: Any) -> dict[str, Any]:
+    if loss is None:
+        return {"loss": "unspecified", "estimator": "unspecified"}
+    if isinstance(loss, str):
+        return {"loss": loss, "estimator": "unspecified"}
+    attrs = {
+        "loss": type(loss).__name__,
+        "estimator": str(getattr(loss, "estimator", "pyro default")),
+    }
+    for name in ("num_particles", "num_outer", "variant", "ciwae_beta"):
+        value = getattr(loss, name, None)
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            attrs[f"loss_{name}"] = value
+    return attrs
+
+
+def _callable_name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def to_inference_data(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 1000,
+    num_chains: int = 1,
+    resample: bool = False,
+    num_proposals: int | None = None,
+    smooth: bool = False,
+    posterior_predictive: bool = True,
+    loss: Any = None,
+    attrs: Mapping[str, Any] | None = None,
+    chunk_size: int = 1000,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+):
+    r"""Draw from a guide and export model, guide and data to an ArviZ ``InferenceData``.
+
+    ``num_samples`` draws :math:`z_s \sim q(z \mid x)` are pushed through the model in vectorized
+    blocks of ``chunk_size`` under ``torch.no_grad`` and stored with ArviZ's conventions, so that
+    ``az.summary``, ``az.plot_posterior``, ``az.plot_ppc``, ``az.loo`` and netCDF files work on a
+    variational fit as on an MCMC run [1]_.
+
+    Parameters
+    ----------
+    model, guide
+        Pyro model and guide, called with ``*args, **kwargs`` (the data).
+    num_samples
+        Number of posterior draws exported.
+    num_chains
+        Pseudo-chains to split the draws into (see Notes); must divide ``num_samples``.
+    resample
+        Export importance-resampled draws instead of raw guide draws (see Notes).
+    num_proposals
+        Guide draws to resample from when ``resample`` (default ``4 * num_samples``).
+    smooth
+        Resample with Pareto-smoothed weights.
+    posterior_predictive
+        Whether to sample the ``posterior_predictive`` group (one more model run per block).
+    loss
+        The training loss (a Pyro ELBO object or a name), recorded in the attributes ``loss``,
+        ``estimator`` (its ``estimator`` attribute, e.g. ``"dreg"``; ``"pyro default"`` for
+        Pyro's own ELBOs) and ``loss_num_particles`` (and ``num_outer``, ``variant`` when set).
+    attrs
+        Extra attributes (str or numbers) for the whole object and the ``posterior`` group.
+    chunk_size
+        Particles per vectorized run.
+    max_plate_nesting
+        The model's plate nesting (guessed by one run when omitted).
+
+    Returns
+    -------
+    arviz.InferenceData
+        (an ``xarray.DataTree`` under ArviZ 1.x) with the groups below. The same attributes
+        (library versions, guide, loss, estimator, ``draws``: ``"guide"`` or
+        ``"importance_resampled"``) are set on the object, ``posterior`` and ``sample_stats``.
+
+    Notes
+    -----
+    Groups:
+
+    ``posterior``
+        Guide draws of every latent site of the model (plus ``pyro.deterministic`` sites), as
+        ``(chain, draw, ...)``. Dims are named after the site's plates (a latent ``theta`` in
+        ``pyro.plate("school", 8)`` has dims ``("chain", "draw", "school")``), other dims
+        ``"{site}_dim_{k}"``; Pyro's broadcasting singleton dims are removed, so a global
+        ``[D]`` latent is ``("chain", "draw", "w_dim_0")``. Plate coordinates are the data
+        indices the plate used (``0..N-1`` for a full plate, the minibatch for a subsampled
+        one: one minibatch is drawn and kept for the whole export).
+    ``posterior_predictive``
+        Every observed site sampled afresh from the model given each posterior draw (as
+        :func:`pyro.poutine.uncondition` does, deterministic sites kept); same dims as
+        ``observed_data``.
+    ``log_likelihood``
+        Per observed site and per element of its plates, :math:`\log p(x_n \mid z_s)` (event
+        dims summed, masks applied, float64): what ``az.loo`` and ``az.waic`` read.
+    ``observed_data``
+        The observations, broadcast to their site's batch shape.
+    ``sample_stats``
+        Per draw: ``lp`` :math:`= \log p(x, z_s)`, ``log_q`` :math:`= \log q(z_s \mid x)` and
+        ``log_weight`` :math:`= \log p(x, z_s) - \log q(z_s \mid x)`, summed over the evaluated
+        data points (no subsampling factor).
+
+    Pseudo-chains: guide draws are independent, so chains carry no convergence information.
+    ``num_chains > 1`` splits the draws into that many pseudo-chains only so that ArviZ
+    functions expecting several chains run (``r_hat`` is then near 1 by construction; with one
+    chain it is NaN). Judge the guide with :func:`psis_diagnostic` instead.
+
+    Resampling: with ``resample=True`` the posterior is the importance-resampled one
+    (:func:`importance_resample`, the IW posterior of Domke & Sheldon [2]_); the ``posterior``,
+    ``log_likelihood`` and ``sample_stats`` rows are those of the chosen proposal draws (per
+    data point for local latents), and ``posterior_predictive`` is sampled given them.
+
+    Examples
+    --------
+    ::
+
+        import arviz as az
+        idata = to_inference_data(model, guide, X, y, num_samples=2000, num_chains=4,
+                                  loss=svi.loss)
+        az.summary(idata, var_names=["w"])
+        az.plot_ppc(idata)
+        az.loo(idata)                      # needs a single observed site, or var_name=
+        idata.to_netcdf("fit.nc")          # az.from_netcdf("fit.nc") reloads it
+    """
+    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+    check_counts(num_samples, chunk_size)
+    if num_samples % num_chains:
+        raise ValueError(f"num_samples={num_samples} must be a multiple of num_chains={num_chains}")
+    if resample:
+        result = resampled_draws(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_samples=num_samples,
+            num_proposals=num_proposals,
+            smooth=smooth,
+            chunk_size=chunk_size,
+            max_plate_nesting=max_plate_nesting,
+        )
+        setup, draws, arrays = result.setup, result.draws, result.arrays
+        log_p, log_q = result.log_p, result.log_q
+        num_proposals = result.num_proposals
+    else:
+        setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+        draws = collect_draws(setup, num_samples, chunk_size)
+        arrays = {
+            name: site.array
+            for group in (draws.latents, draws.deterministic, draws.log_likelihood)
+            for name, site in group.items()
+        }
+        log_p, log_q = draws.log_p, draws.log_q
+
+    predicted: dict[str, SiteDraws] = {}
+    if posterior_predictive and draws.observed:
+        latent_values = {name: arrays[name] for name in draws.latents}
+        total = int(log_p.shape[0])
+        predicted = predictive(setup, draws.latents, latent_values, total, chunk_size)
+
+    nesting = draws.nesting
+
+    def export(site: SiteDraws, array: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        _, site_dims = site.layout(nesting)
+        squeezed = site.squeezed(nesting, array)
+        chained = squeezed.reshape((num_chains, -1, *squeezed.shape[1:]))
+        return chained, site_dims
+
+    groups: dict[str, dict[str, np.ndarray]] = {
+        "posterior": {},
+        "posterior_predictive": {},
+        "log_likelihood": {},
+        "observed_data": {},
+        "sample_stats": {},
+    }
+    dims: dict[str, list[str]] = {}
+    for group in (draws.latents, draws.deterministic):
+        for name, site in group.items():
+            groups["posterior"][name], dims[name] = export(site, arrays[name])
+    for name, site in draws.observed.items():
+        _, site_dims = site.layout(nesting)
+        groups["observed_data"][name] = site.squeezed(nesting)[0]
+        dims[name] = site_dims
+    for name, site in draws.log_likelihood.items():
+        # float64: ArviZ's PSIS keeps the input dtype, and in float32 its Pareto fit breaks down
+        # (az.loo returns NaN) on log-likelihoods that vary little between draws
+        chained, _ = export(site, arrays[name])
+        groups["log_likelihood"][name] = chained.astype(np.float64)
+    for name, site in predicted.items():
+        groups["posterior_predictive"][name], _ = export(site, site.array)
+    for stat, value in (("lp", log_p), ("log_q", log_q), ("log_weight", log_p - log_q)):
+        groups["sample_stats"][stat] = value.sum(-1).reshape(num_chains, -1)
+
+    coords: dict[str, list] = {}
+    for plate, size in draws.plate_sizes.items():
+        indices = setup.subsample_indices.get(plate)
+        values = indices.tolist() if indices is not None and len(indices) == size else range(size)
+        coords[plate] = list(values)
+
+    meta = {
+        "inference_library": "pyro",
+        "inference_library_version": pyro.__version__,
+        "creation_library": "pyro_vi_ext",
+        "creation_library_version": _package_version(),
+        "inference_method": "variational inference",
+        "guide": _callable_name(guide),
+        "draws": "importance_resampled" if resample else "guide",
+        "num_samples": int(num_samples),
+        "num_chains": int(num_chains),
+        **_loss_attrs(loss),
+    }
+    if resample:
+        meta["num_proposals"] = int(num_proposals)
+        meta["resampling_weights"] = "psis_smoothed" if smooth else "raw"
+    meta.update({str(k): _attr_value(v) for k, v in (attrs or {}).items()})
+    meta = {k: _attr_value(v) for k, v in meta.items()}
+    return _arviz_compat.from_dict(
+        groups,
+        coords=coords,
+        dims=dims,
+        attrs=meta,
+        group_attrs={"posterior": meta, "sample_stats": meta},
+    )
+
+
+__all__ = ["to_inference_data"]
