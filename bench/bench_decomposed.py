@@ -1,0 +1,329 @@
+"""Benchmark of :class:`pyro_vi_ext.DecomposedELBO` (and of :func:`elbo_surgery`).
+
+1. Step time on the same MLP VAE (Bernoulli decoder, Normal encoder; default 784-400-10, or
+   ``--arch large`` for 4096-1200-1200-10), batch 256, D = 10, one step = loss forward + backward
+   + ``torch.optim.Adam`` step over the same parameters, in one process, interleaved rounds,
+   median per-step time:
+
+   * ``Trace_ELBO`` (Pyro, through its ``ELBOModule``),
+   * ``DecomposedELBO(beta=6, estimator="mss")`` (through its ``ELBOModule``),
+   * a hand-written PyTorch beta-TCVAE loss (MSS, the same maths written directly on tensors,
+     dense ``[B, B, D]`` tensor, as in the public implementations but with the weight matrix
+     corrected), and a hand-written plain VAE loss for reference.
+
+   Pyro validation is off (``pyro.enable_validation(False)``); the model and guide use the VAE's
+   ``nn.Module`` parameters directly. Target: DecomposedELBO within 1.15x of the hand-written
+   beta-TCVAE loss.
+2. Peak memory at B = 2048: peak resident set size during one training step at B = 2048 minus
+   the resident set size just before it (Linux: freed heap returned with ``malloc_trim``, the
+   peak reset through ``/proc/self/clear_refs``, then ``VmHWM - VmRSS`` from
+   ``/proc/self/status``), after a warm-up step at B = 64, each variant in a fresh subprocess.
+3. ``--surgery N``: time of :func:`elbo_surgery` on a table of N Normal posteriors (D = 10).
+
+Usage::
+
+    python bench/bench_decomposed.py                      # parts 1 and 2, 1 intra-op thread
+    python bench/bench_decomposed.py --threads 2 --arch large
+    python bench/bench_decomposed.py --part surgery --surgery 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+from torch import nn
+
+from pyro_vi_ext.infer.decomposed import DecomposedELBO, elbo_surgery
+
+ARCHS = {"small": (784, (400,), 10), "large": (4096, (1200, 1200), 10)}
+BETA = 6.0
+
+
+def mlp(sizes) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class VAE(nn.Module):
+    def __init__(self, x_dim: int, hidden: tuple[int, ...], z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = mlp((x_dim, *hidden, 2 * z_dim))
+        self.decoder = mlp((z_dim, *reversed(hidden), x_dim))
+
+    def encode(self, x):
+        loc, log_var = self.encoder(x).chunk(2, -1)
+        return loc, (0.5 * log_var).exp()
+
+    # -- Pyro model and guide ------------------------------------------------------------
+    def model(self, x, idx, n_data):
+        with pyro.plate("data", n_data, subsample=idx):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x, idx, n_data):
+        loc, scale = self.encode(x)
+        with pyro.plate("data", n_data, subsample=idx):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+# -------------------------------------------------------------------------- hand-written losses
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normal(x, loc, log_scale):
+    return -0.5 * ((x - loc) / log_scale.exp()) ** 2 - log_scale - 0.5 * _LOG_2PI
+
+
+def mss_log_weights(b: int, n: int) -> torch.Tensor:
+    m = b - 1
+    w = torch.full((b, b), 1.0 / m)
+    index = torch.arange(b)
+    w[index, (index + 1) % b] = (n - m) / (n * m)
+    w[index, index] = 1.0 / n
+    return w.log()
+
+
+def hand_tcvae_loss(vae: VAE, x, n_data: int, log_w: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+    loc, scale = vae.encode(x)
+    log_scale = scale.log()
+    z = loc + scale * torch.randn_like(loc)
+    logits = vae.decoder(z)
+    recon = -nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    log_qzx = log_normal(z, loc, log_scale).sum(-1)
+    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(-1)
+    pair = log_normal(z[:, None, :], loc[None], log_scale[None])  # [B, B, D]
+    log_qz = torch.logsumexp(pair.sum(-1) + log_w, 1)
+    log_qz_product = torch.logsumexp(pair + log_w[..., None], 1).sum(-1)
+    objective = (
+        recon - (log_qzx - log_qz) - BETA * (log_qz - log_qz_product) - (log_qz_product - log_pz)
+    )
+    return -(n_data / b) * objective.sum()
+
+
+def hand_vae_loss(vae: VAE, x, n_data: int) -> torch.Tensor:
+    b = x.shape[0]
+    loc, scale = vae.encode(x)
+    z = loc + scale * torch.randn_like(loc)
+    logits = vae.decoder(z)
+    recon = -nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    kl = 0.5 * (loc**2 + scale**2 - 1.0 - 2 * scale.log()).sum(-1)
+    return -(n_data / b) * (recon - kl).sum()
+
+
+# -------------------------------------------------------------------------------- step timing
+def make_data(n: int, x_dim: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, x_dim, generator=gen)
+    codes = torch.randn(n, 16, generator=gen)
+    return (codes @ basis > 0.5).float()
+
+
+def make_steppers(arch: str, batch: int, n_data: int):
+    x_dim, hidden, z_dim = ARCHS[arch]
+    torch.manual_seed(0)
+    vae = VAE(x_dim, hidden, z_dim)
+    data = make_data(n_data, x_dim)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    log_weights: dict[int, torch.Tensor] = {}
+
+    def log_w(b: int) -> torch.Tensor:
+        if b not in log_weights:
+            log_weights[b] = mss_log_weights(b, n_data)
+        return log_weights[b]
+
+    trace_module = Trace_ELBO()(vae.model, vae.guide)
+    decomposed_loss = DecomposedELBO(beta=BETA, estimator="mss", max_plate_nesting=1)
+    decomposed_module = decomposed_loss(vae.model, vae.guide)
+
+    def step(loss_fn):
+        def run(batch_size: int = batch):
+            idx = torch.randint(0, n_data, (batch_size,), generator=gen)
+            x = data[idx]
+            optimizer.zero_grad()
+            loss = loss_fn(x, idx)
+            loss.backward()
+            optimizer.step()
+
+        return run
+
+    return {
+        "Trace_ELBO (Pyro)": step(lambda x, idx: trace_module(x, idx, n_data)),
+        "DecomposedELBO mss (Pyro)": step(lambda x, idx: decomposed_module(x, idx, n_data)),
+        "hand-written beta-TCVAE (torch)": step(
+            lambda x, idx: hand_tcvae_loss(vae, x, n_data, log_w(len(idx)))
+        ),
+        "hand-written VAE ELBO (torch)": step(lambda x, idx: hand_vae_loss(vae, x, n_data)),
+    }
+
+
+def time_steps(arch: str, batch: int, rounds: int, steps: int, n_data: int):
+    steppers = make_steppers(arch, batch, n_data)
+    for run in steppers.values():  # warm-up
+        for _ in range(3):
+            run()
+    times = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, run in steppers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+# ------------------------------------------------------------------------------ peak memory
+_MEMORY_CHILD = """
+import json, sys, time, torch, pyro
+sys.path.insert(0, {root!r})
+from bench.bench_decomposed import make_steppers, peak_rss_reset, peak_rss_growth_mb
+torch.set_num_threads({threads})
+pyro.enable_validation(False)
+run = make_steppers({arch!r}, 2048, {n_data})[{name!r}]
+run(64)
+baseline = peak_rss_reset()
+start = time.perf_counter()
+run(2048)
+seconds = time.perf_counter() - start
+print(json.dumps({{"growth_mb": peak_rss_growth_mb(baseline), "seconds": seconds}}))
+"""
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_rss_reset() -> int:
+    """Return freed heap pages to the OS, reset the peak RSS (Linux ``/proc/self/clear_refs``)
+    and return the current RSS in kB: the baseline of :func:`peak_rss_growth_mb`."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS")
+
+
+def peak_rss_growth_mb(baseline_kb: int) -> float:
+    """Peak RSS since :func:`peak_rss_reset` minus its baseline, in MB."""
+    return (_proc_status_kb("VmHWM") - baseline_kb) / 1024
+
+
+def peak_memory(name: str, arch: str, n_data: int, threads: int) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _MEMORY_CHILD.format(root=root, threads=threads, name=name, arch=arch, n_data=n_data)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------- surgery
+def time_surgery(n: int, d: int = 10, num_samples: int = 1) -> tuple[float, str]:
+    gen = torch.Generator().manual_seed(0)
+    cov = 0.3 * torch.eye(d) + 0.7 * torch.ones(d, d)
+    loc = torch.randn(n, d, generator=gen) @ torch.linalg.cholesky(cov).T
+    scale = 0.3 * (0.5 + torch.rand(n, d, generator=gen))
+    x = loc + 0.5 * torch.randn(n, d, generator=gen)
+
+    def model():
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide():
+        with pyro.plate("data", n):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    start = time.perf_counter()
+    result = elbo_surgery(model, guide, num_samples=num_samples, max_plate_nesting=1)
+    return time.perf_counter() - start, result.table()
+
+
+# ----------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["all", "time", "memory", "surgery"], default="all")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="small")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--n-data", type=int, default=60000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--surgery", type=int, default=50000, help="N for --part surgery")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(False)
+    x_dim, hidden, z_dim = ARCHS[args.arch]
+    arch = "-".join(str(s) for s in (x_dim, *hidden, z_dim))
+    print(
+        f"torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} intra-op thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; MLP VAE {arch}, "
+        f"N = {args.n_data}"
+    )
+
+    if args.part in ("all", "time"):
+        times = time_steps(args.arch, args.batch, args.rounds, args.steps, args.n_data)
+        reference = statistics.median(times["hand-written beta-TCVAE (torch)"])
+        print(f"\nStep time, batch {args.batch} (median of {args.rounds} rounds x {args.steps})")
+        print("| loss | ms/step | IQR (ms) | vs hand-written beta-TCVAE |")
+        print("|---|---:|---:|---:|")
+        for name, values in times.items():
+            q = statistics.quantiles(values, n=4)
+            median = statistics.median(values)
+            print(
+                f"| {name} | {1e3 * median:.2f} | {1e3 * q[0]:.2f}-{1e3 * q[2]:.2f} | "
+                f"{median / reference:.3f}x |"
+            )
+        ours = statistics.median(times["DecomposedELBO mss (Pyro)"])
+        trace = statistics.median(times["Trace_ELBO (Pyro)"])
+        print(f"DecomposedELBO / Trace_ELBO: {ours / trace:.3f}x")
+
+    if args.part in ("all", "memory"):
+        print("\nOne training step at B = 2048, D = 10 (fresh subprocess each; peak RSS growth)")
+        print("| loss | peak RSS growth (MB) | step time (s) |")
+        print("|---|---:|---:|")
+        for name in (
+            "Trace_ELBO (Pyro)",
+            "DecomposedELBO mss (Pyro)",
+            "hand-written beta-TCVAE (torch)",
+        ):
+            result = peak_memory(name, args.arch, args.n_data, args.threads)
+            print(f"| {name} | {result['growth_mb']:.0f} | {result['seconds']:.2f} |")
+
+    if args.part == "surgery":
+        baseline = peak_rss_reset()
+        seconds, table = time_surgery(args.surgery)
+        growth = peak_rss_growth_mb(baseline)
+        print(
+            f"\nelbo_surgery, N = {args.surgery}, D = 10, 1 sample per point: {seconds:.1f} s, "
+            f"peak RSS growth {growth:.0f} MB"
+        )
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
