@@ -1,4 +1,4 @@
-"""What every loss of the package shares: the Pyro ELBO contract on top of ``differentiable_loss``."""
+"""Shared by every loss of the package: the Pyro ELBO contract on top of differentiable_loss."""
 
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ class ParticleELBO(ELBO):
         return int(self.max_plate_nesting)
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO abstract method
-        raise NotImplementedError(f"{type(self).__name__} computes its traces in one vectorized run")
+        raise NotImplementedError(
+            f"{type(self).__name__} computes its traces in one vectorized run"
+        )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError

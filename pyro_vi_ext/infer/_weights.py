@@ -1,16 +1,16 @@
 """Shared trace and plate bookkeeping for every estimator and diagnostic.
 
-Everything in the package needs the same thing from a model and a guide: ``K`` draws of the latents
-(vectorized on a particle plate on the left) and, per draw and per data point, ``log p(x, z)`` and
-``log q(z | x)``, with the subsampling factor ``N / B`` of the data plate kept apart from a user's own
-:func:`pyro.poutine.scale`. This module owns that computation; estimators never re-derive plate
-arithmetic.
+Everything in the package needs the same thing from a model and a guide: ``K`` draws of the
+latents (vectorized on a particle plate on the left) and, per draw and per data point,
+``log p(x, z)`` and ``log q(z | x)``, with the subsampling factor ``N / B`` of the data plate kept
+apart from a user's own :func:`pyro.poutine.scale`. This module owns that computation;
+estimators never re-derive plate arithmetic.
 
 Conventions
 -----------
-* The *point plates* are the vectorized plates shared by every sample site of the model and the guide
-  (observed sites included). The importance-weighted bound is taken per element of those plates. With
-  no shared plate the whole trace is one point.
+* The *point plates* are the vectorized plates shared by every sample site of the model and the
+  guide (observed sites included). The importance-weighted bound is taken per element of those
+  plates. With no shared plate the whole trace is one point.
 * Per site, the unscaled log-density is multiplied by the site's *user scale*: its ``scale`` divided
   by the subsampling factors of its plates. When every site carries the same user scale it is not
   applied inside the log-weights but reported as part of :attr:`ParticleWeights.scale`, which also
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.messenger import Messenger
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
@@ -312,7 +312,18 @@ def _check_subsampling(traces: Sequence[poutine.Trace], plates: tuple[PointPlate
     point_names = {p.name for p in plates}
     subsampled = {}
     for trace in traces:
-        for _, site in sample_sites(trace):
+        for site_name, site in sample_sites(trace):
+            for frame in site["cond_indep_stack"]:
+                # a sequential plate is never a point plate, and its N / B would pass for a user
+                # scale: the minibatch estimate of the whole-trace bound would be silently biased
+                if not frame.vectorized and frame.full_size not in (None, frame.size):
+                    raise ValueError(
+                        f"Plate '{frame.name}' is a subsampled sequential plate (site "
+                        f"'{site_name}'). Importance-weighted bounds are per point only over "
+                        "vectorized plates, and a whole-trace bound has no unbiased minibatch "
+                        f"estimate. Use a vectorized 'with pyro.plate(\"{frame.name}\", ...)' or "
+                        "pass the full data (no subsample_size)."
+                    )
             for frame in site_plate_frames(site).values():
                 if frame.full_size is not None and frame.full_size != frame.size:
                     subsampled[frame.name] = frame
@@ -474,7 +485,9 @@ def trace_particles(
     log_q = accumulate(detached_trace if detached_trace is not None else guide_trace)
     score = None
     if any(not site["fn"].has_rsample for _, site in latent_sites(guide_trace)):
-        score = accumulate(guide_trace, only=lambda s: not s["is_observed"] and not s["fn"].has_rsample)
+        score = accumulate(
+            guide_trace, only=lambda s: not s["is_observed"] and not s["fn"].has_rsample
+        )
 
     scale = outer_user_scale * math.prod(p.subsample_factor for p in plates)
     return ParticleWeights(

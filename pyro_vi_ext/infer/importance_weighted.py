@@ -33,7 +33,8 @@ class ImportanceWeightedELBO(ParticleELBO):
     :math:`N / B` of a subsampled data plate is applied *after* the log-mean-exp, which keeps the
     minibatch estimate unbiased for the full-data bound (Pyro's ``RenyiELBO(alpha=0)`` applies it
     before). A user's own :func:`pyro.poutine.scale` is kept apart from subsampling: a scale shared
-    by every site multiplies the loss; site-specific scales (e.g. KL annealing) temper the log-weights.
+    by every site multiplies the loss; site-specific scales (e.g. KL annealing) temper the
+    log-weights.
 
     Special cases and properties:
 
@@ -49,7 +50,7 @@ class ImportanceWeightedELBO(ParticleELBO):
       :math:`\log q`, leaving the path derivative. Zero variance at the exact posterior; for
       ``K > 1`` the guide gradient is biased;
     * ``"dreg"``: doubly reparameterized gradient [5]: guide gradient
-      :math:`\sum_k \tilde w_k^2\, \partial \log w_k / \partial z_k \; \partial z_k / \partial \phi`,
+      :math:`\sum_k \tilde w_k^2 \, \partial_{z_k} \log w_k \, \partial_\phi z_k`,
       unbiased, with a signal-to-noise ratio that grows with ``K``; model parameters keep the IWAE
       gradient :math:`\sum_k \tilde w_k \nabla_\theta \log p(x, z_k)`.
 
@@ -182,7 +183,9 @@ class ImportanceWeightedELBO(ParticleELBO):
             alias.register_hook(lambda grad, factor=factor: grad * factor)
 
     # -- the Pyro contract ------------------------------------------------------------------
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args, **kwargs
+    ) -> torch.Tensor:
         """The negative bound as a scalar tensor whose gradient is the chosen estimator."""
         nesting = self._model_plate_nesting(model, guide, args, kwargs)
         num_outer, num_particles = self.num_outer, self.num_particles
@@ -229,8 +232,9 @@ class ImportanceWeightedELBO(ParticleELBO):
     def _piwae_surrogate(self, model, guide, weights, model_bound, guide_surrogate):
         guide_params = _trace_parameters(weights.guide_trace, guide)
         guide_ids = {id(p) for p in guide_params}
-        model_params = [p for p in _trace_parameters(weights.model_trace, model)
-                        if id(p) not in guide_ids]
+        model_params = [
+            p for p in _trace_parameters(weights.model_trace, model) if id(p) not in guide_ids
+        ]
         surrogate = torch.zeros((), device=model_bound.device)
         for objective, params in ((model_bound, model_params), (guide_surrogate, guide_params)):
             if not params or not objective.requires_grad:
