@@ -14,9 +14,17 @@ from pyro_vi_ext.diagnostics import (
 )
 from pyro_vi_ext.infer.decomposed import DecomposedELBO, SurgeryResult, elbo_surgery
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
-from pyro_vi_ext.training import EarlyStopping, FitResult, fit, plot_history
+from pyro_vi_ext.training import (
+    Callback,
+    EarlyStopping,
+    FitResult,
+    fit,
+    load_checkpoint,
+    plot_history,
+)
 
 __all__ = [
+    "Callback",
     "DecomposedELBO",
     "EarlyStopping",
     "FitResult",
@@ -25,6 +33,7 @@ __all__ = [
     "elbo_surgery",
     "fit",
     "importance_resample",
+    "load_checkpoint",
     "log_evidence",
     "plot_history",
     "psis_diagnostic",

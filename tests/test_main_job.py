@@ -1,0 +1,124 @@
+"""The main job (``python -m models``): a short run writes every promised file; bad options fail
+with one line."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_run_writes_the_report(tmp_path):
+    out = tmp_path / "report"
+    code = main(
+        [
+            "--steps",
+            "3",
+            "--batch-size",
+            "32",
+            "--surgery-points",
+            "128",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    expected = {
+        "history.png",
+        "decomposition.md",
+        "decomposition.json",
+        "mig.json",
+        "traversals.png",
+        "inference_data.nc",
+        "summary.json",
+    }
+    assert expected <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed"
+    terms = summary["final_terms_mean_last_50_steps"]
+    assert {"reconstruction", "index_code_mi", "total_correlation", "dimwise_kl"} <= set(terms)
+    decomposition = json.loads((out / "decomposition.json").read_text())
+    means = decomposition["means"]
+    parts = (
+        means["reconstruction"]
+        - means["index_code_mi"]
+        - means["total_correlation"]
+        - means["dimwise_kl"]
+    )
+    assert parts == pytest.approx(means["elbo"], abs=1e-2)
+    assert 0.0 <= means["index_code_mi"] <= math.log(decomposition["num_points"]) + 1e-6
+    assert 0.0 <= json.loads((out / "mig.json").read_text())["mig"] <= 1.0
+    for png in ("history.png", "traversals.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_data_reloads(tmp_path):
+    import arviz as az
+
+    out = tmp_path / "r"
+    main(
+        [
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--surgery-points",
+            "64",
+            "--loss",
+            "iwae",
+            "--estimator",
+            "stl",
+            "--num-particles",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    idata = az.from_netcdf(out / "inference_data.nc")
+    assert "z" in idata.posterior and "x" in idata.log_likelihood
+    assert idata.attrs["model"] == "beta-tcvae"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--loss", "iwae", "--estimator", "mss"], "does not fit --loss iwae"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--model", "resnet"], "invalid choice"),
+        (["--batch-size", "1"], "at least 2"),
+        (["--device", "cuda:notadevice"], "--device"),
+    ],
+)
+def test_bad_options_give_one_line(argv, fragment):
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_describes_options():
+    proc = subprocess.run(
+        [sys.executable, "-m", "models", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0
+    for option in ("--model", "--loss", "--estimator", "--steps", "--device", "--out"):
+        assert option in proc.stdout
