@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
         surgery = elbo_surgery(
             vae.model,
             vae.guide,
-            num_samples=2,
+            num_samples=1,
             batch_size=1024,
             dataset_size=surgery_points,
             batch_args=lambda idx: ((surgery_images[idx],), {"idx": idx, "n_data": surgery_points}),
