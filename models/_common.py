@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pyro
+import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 
 
 def data_plate(
@@ -72,3 +74,22 @@ def standard_features(
     if intercept:
         x = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
     return x.to(dtype)
+
+
+def sample_weight_prior(x: torch.Tensor, prior_scale: float) -> torch.Tensor:
+    """The global regression weights ``w ~ N(0, prior_scale^2 I)``, one per column of ``x``."""
+    loc = x.new_zeros(x.shape[-1])
+    return pyro.sample("w", dist.Normal(loc, torch.full_like(loc, prior_scale)).to_event(1))
+
+
+def sample_mean_field_weights(x: torch.Tensor, prefix: str, init_scale: float) -> torch.Tensor:
+    """Mean-field guide ``w ~ N(<prefix>_w_loc, diag(<prefix>_w_scale)^2)``.
+
+    The params start at ``loc = 0`` and ``scale = init_scale``.
+    """
+    d = x.shape[-1]
+    loc = pyro.param(f"{prefix}_w_loc", lambda: x.new_zeros(d))
+    scale = pyro.param(
+        f"{prefix}_w_scale", lambda: x.new_full((d,), init_scale), constraint=constraints.positive
+    )
+    return pyro.sample("w", dist.Normal(loc, scale).to_event(1))

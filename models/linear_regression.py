@@ -58,9 +58,14 @@ from typing import NamedTuple
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
 
-from models._common import check_positive, data_plate, standard_features
+from models._common import (
+    check_positive,
+    data_plate,
+    sample_mean_field_weights,
+    sample_weight_prior,
+    standard_features,
+)
 
 __all__ = [
     "FixedGaussianGuide",
@@ -130,8 +135,7 @@ def linear_regression_model(
 
     ``y=None`` samples the targets (prior predictive). Returns the sampled or observed ``y``.
     """
-    loc = x.new_zeros(x.shape[-1])
-    w = pyro.sample("w", dist.Normal(loc, torch.full_like(loc, prior_scale)).to_event(1))
+    w = sample_weight_prior(x, prior_scale)
     with data_plate(x.shape[0], idx, n_data):
         mean = (x * w).sum(-1)  # w may carry particle dims [..., 1, d]
         return pyro.sample("y", dist.Normal(mean, noise_scale), obs=y)
@@ -149,12 +153,7 @@ def linear_regression_guide(
 
     The params start at ``loc = 0`` and ``scale = init_scale``.
     """
-    d = x.shape[-1]
-    loc = pyro.param("linear_w_loc", lambda: x.new_zeros(d))
-    scale = pyro.param(
-        "linear_w_scale", lambda: x.new_full((d,), init_scale), constraint=constraints.positive
-    )
-    return pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+    return sample_mean_field_weights(x, "linear", init_scale)
 
 
 def _posterior_precision(x: torch.Tensor, noise_scale: float, prior_scale: float) -> torch.Tensor:

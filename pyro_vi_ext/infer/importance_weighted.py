@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -270,12 +270,4 @@ def _trace_parameters(trace, fn: Callable) -> list[torch.Tensor]:
         for param in fn.parameters():
             if param.requires_grad:
                 params[id(param)] = param
-    return list(_unique(params.values()))
-
-
-def _unique(tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-    seen = set()
-    for tensor in tensors:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield tensor
+    return list(params.values())
