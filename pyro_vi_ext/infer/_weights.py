@@ -185,6 +185,33 @@ def _as_number(scale: float | torch.Tensor) -> float | None:
     return float(scale)
 
 
+def site_user_scale(site: dict) -> float | None:
+    """Return a site's own scale, its plates' subsampling factors divided out.
+
+    This is what a user's :func:`pyro.poutine.scale` (KL annealing, tempering) contributed;
+    ``None`` when the scale is a tensor of more than one element.
+    """
+    return _as_number(_user_scale(site))
+
+
+def common_user_scale(traces: Sequence[poutine.Trace]) -> float | None:
+    """Return the user scale shared by every sample site of ``traces`` (``None`` if they differ).
+
+    A trace without sample sites has the common scale 1.
+    """
+    scales = {site_user_scale(site) for trace in traces for _, site in sample_sites(trace)}
+    if not scales:
+        return 1.0
+    if len(scales) > 1 or None in scales:
+        return None
+    return scales.pop()
+
+
+def particle_plate(num_particles: int, plate_nesting: int) -> pyro.plate:
+    """Return the vectorized particle plate, placed left of a model's ``plate_nesting`` dims."""
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+
+
 class _DetachGuideParameters(Messenger):
     """Run a guide with every parameter detached (the ``phi`` of ``log q_phi``).
 
@@ -406,7 +433,7 @@ def trace_particles(
     particle_dim = -(plate_nesting + 1)
 
     def wrap(fn: Callable) -> Callable:
-        return pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim)(fn)
+        return particle_plate(num_particles, plate_nesting)(fn)
 
     wrapped_guide, wrapped_model = wrap(guide), wrap(model)
     full_guide_trace = poutine.trace(wrapped_guide).get_trace(*args, **kwargs)
@@ -509,10 +536,13 @@ __all__ = [
     "ParticleWeights",
     "PointPlate",
     "check_finite_observations",
+    "common_user_scale",
     "guess_plate_nesting",
     "latent_sites",
+    "particle_plate",
     "sample_sites",
     "site_log_prob",
     "site_subsample_factor",
+    "site_user_scale",
     "trace_particles",
 ]
