@@ -6,7 +6,7 @@
    median per-step time:
 
    * ``Trace_ELBO`` (Pyro, through its ``ELBOModule``),
-   * ``DecomposedELBO(beta=6, estimator="mss")`` (through its ``ELBOModule``),
+   * ``DecomposedELBO(beta=6, aggregate="mss")`` (through its ``ELBOModule``),
    * a hand-written PyTorch beta-TCVAE loss (MSS, the same maths written directly on tensors,
      dense ``[B, B, D]`` tensor, as in the public implementations but with the weight matrix
      corrected), and a hand-written plain VAE loss for reference.
@@ -44,7 +44,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 
-from pyro_vi_ext.infer.decomposed import DecomposedELBO, elbo_surgery
+from pyro_vi_ext import DecomposedELBO, elbo_surgery
 
 ARCHS = {"small": (784, (400,), 10), "large": (4096, (1200, 1200), 10)}
 BETA = 6.0
@@ -150,7 +150,7 @@ def make_steppers(arch: str, batch: int, n_data: int):
         return log_weights[b]
 
     trace_module = Trace_ELBO()(vae.model, vae.guide)
-    decomposed_loss = DecomposedELBO(beta=BETA, estimator="mss", max_plate_nesting=1)
+    decomposed_loss = DecomposedELBO(beta=BETA, aggregate="mss", max_plate_nesting=1)
     decomposed_module = decomposed_loss(vae.model, vae.guide)
 
     def step(loss_fn):

@@ -7,12 +7,14 @@ torch optimizer); :func:`fit` trains any model and guide over a dataset; the dia
 """
 
 from pyro_vi_ext.diagnostics import (
+    SurgeryResult,
+    elbo_surgery,
     importance_resample,
     log_evidence,
     psis_diagnostic,
     to_inference_data,
 )
-from pyro_vi_ext.infer.decomposed import DecomposedELBO, SurgeryResult, elbo_surgery
+from pyro_vi_ext.infer.decomposed import DecomposedELBO
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
 from pyro_vi_ext.training import (
     Callback,

@@ -6,6 +6,7 @@
   data point, with effective sample sizes;
 * :func:`log_evidence`: importance-sampled :math:`\\log p(x)` with a standard error;
 * :func:`importance_resample`: posterior draws resampled by importance weight;
+* :func:`elbo_surgery`: the exact decomposition of the ELBO over a dataset (MI, TC, dim-wise KL);
 * :func:`iw_bound_curve`, :func:`plot_bound_vs_k`, :func:`plot_khat`: bounds versus ``K`` and
   k-hat across the dataset, with matplotlib.
 """
@@ -25,13 +26,17 @@ from pyro_vi_ext.diagnostics.importance import (
     psis_from_log_weights,
 )
 from pyro_vi_ext.diagnostics.plots import plot_bound_curve, plot_bound_vs_k, plot_khat
+from pyro_vi_ext.diagnostics.surgery import SURGERY_TERMS, SurgeryResult, elbo_surgery
 
 __all__ = [
+    "SURGERY_TERMS",
     "BoundCurve",
     "EvidenceResult",
     "PSISResult",
     "ResampledPosterior",
+    "SurgeryResult",
     "bound_curve_from_log_weights",
+    "elbo_surgery",
     "importance_resample",
     "iw_bound_curve",
     "khat_threshold",

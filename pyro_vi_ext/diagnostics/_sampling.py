@@ -21,21 +21,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 
 from pyro_vi_ext.infer._weights import (
-    PARTICLE_PLATE,
     ParticleWeights,
     PointPlate,
+    common_user_scale,
     guess_plate_nesting,
+    particle_plate,
     sample_sites,
     site_log_prob,
     site_plate_frames,
-    site_subsample_factor,
     trace_particles,
 )
 
@@ -102,17 +101,7 @@ def is_deterministic(site: dict) -> bool:
 
 
 def _warn_on_tempering(weights: ParticleWeights) -> None:
-    scales = set()
-    for trace in (weights.model_trace, weights.guide_trace):
-        for _, site in sample_sites(trace):
-            scale = site["scale"]
-            if isinstance(scale, torch.Tensor):
-                if scale.numel() != 1:
-                    scales.add(None)
-                    continue
-                scale = float(scale)
-            scales.add(float(scale) / site_subsample_factor(site))
-    if len(scales) > 1:
+    if common_user_scale((weights.model_trace, weights.guide_trace)) is None:
         warnings.warn(
             "The model or guide scales some sites by different factors (poutine.scale, e.g. "
             "KL annealing), so the log importance weights are tempered and the diagnostics refer "
@@ -430,7 +419,7 @@ def predictive(
             trace.add_node(
                 name, type="sample", name=name, value=tensor, is_observed=False, infer={}
             )
-        model = pyro.plate(PARTICLE_PLATE, size, dim=-(nesting + 1))(setup.model)
+        model = particle_plate(size, nesting)(setup.model)
         with torch.no_grad(), poutine.block():
             predicted = poutine.trace(
                 poutine.replay(_UnconditionObserved()(model), trace=trace)

@@ -53,7 +53,7 @@ from pyro_vi_ext.diagnostics._sampling import (
     prepare,
     resample_indices,
 )
-from pyro_vi_ext.infer._weights import PointPlate
+from pyro_vi_ext.infer._weights import ParticleWeights, PointPlate, common_user_scale
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -358,9 +358,11 @@ def log_evidence(
     setup = prepare(model, guide, args, kwargs, max_plate_nesting)
     accumulator = LogMeanExp()
     plates: tuple[PointPlate, ...] = ()
+    subsample_factor = 1.0
     for weights in particle_blocks(setup, num_samples, chunk_size):
         accumulator.update(weights.log_weights.detach().cpu().double().numpy())
         plates = weights.point_plates
+        subsample_factor = _subsample_factor(weights)
     value, se, ess = accumulator.result()
     names, shape = _plate_names(plates)
     return EvidenceResult(
@@ -372,8 +374,14 @@ def log_evidence(
         num_samples=num_samples,
         point_plates=names,
         point_shape=shape,
-        subsample_factor=float(math.prod(p.subsample_factor for p in plates)),
+        subsample_factor=subsample_factor,
     )
+
+
+def _subsample_factor(weights: ParticleWeights) -> float:
+    """The point plates' ``N / B``: ``ParticleWeights.scale`` without the user's common scale."""
+    user_scale = common_user_scale((weights.model_trace, weights.guide_trace))
+    return weights.scale / (user_scale if user_scale is not None and user_scale != 0 else 1.0)
 
 
 # -- importance resampling -----------------------------------------------------------------------

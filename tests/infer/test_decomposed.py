@@ -22,7 +22,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBOModule
 
-from pyro_vi_ext.infer import _decomposition as dec
+from pyro_vi_ext.infer import _aggregate, _code_layout, _kernels
 from pyro_vi_ext.infer.decomposed import TERMS, DecomposedELBO
 
 ESTIMATORS = ("mss", "mws")
@@ -107,7 +107,7 @@ def dense_terms(z, loc, scale, n_data: int, estimator: str) -> dict[str, float]:
 def test_unit_weights_is_trace_elbo_on_the_same_samples(estimator, batch_size):
     loc, scale, x = table_problem(30, 4)
     model, guide = make_table_model(loc, scale, x, learnable=True)
-    loss = DecomposedELBO(estimator=estimator, max_plate_nesting=1, dataset_size=30)
+    loss = DecomposedELBO(aggregate=estimator, max_plate_nesting=1, dataset_size=30)
     pyro.set_rng_seed(5)
     value = loss.differentiable_loss(model, guide, batch_size=batch_size)
     (grad,) = torch.autograd.grad(value, [pyro.param("table_loc").unconstrained()])
@@ -149,7 +149,7 @@ def test_unit_weights_give_trace_elbo_in_expectation():
 def test_weighted_loss_is_the_weighted_sum_of_the_reported_terms(estimator):
     loc, scale, x = table_problem(50, 3)
     model, guide = make_table_model(loc, scale, x)
-    loss = DecomposedELBO(alpha=0.5, beta=4.0, gamma=2.0, estimator=estimator, num_particles=3)
+    loss = DecomposedELBO(alpha=0.5, beta=4.0, gamma=2.0, aggregate=estimator, num_particles=3)
     value = loss.loss(model, guide, batch_size=12)
     t = loss.last_terms
     weighted = (
@@ -172,7 +172,7 @@ def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
     capture = []
     model, guide = make_table_model(loc, scale, x, capture=capture)
     loss = DecomposedELBO(
-        estimator=estimator, num_particles=3, chunk_size=chunk_size, max_plate_nesting=1
+        aggregate=estimator, num_particles=3, chunk_size=chunk_size, max_plate_nesting=1
     )
     loss.loss(model, guide, batch_size=b)
     idx, z = capture[-1]
@@ -183,7 +183,7 @@ def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
 
 def test_mss_weight_matrix_rows_sum_to_one():
     b, n = 9, 1000
-    log_w = dec.mss_log_weights(torch.arange(b), b, n, torch.float64)
+    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, torch.float64)
     w = log_w.exp()
     torch.testing.assert_close(w.sum(-1), torch.ones(b, dtype=torch.float64))
     torch.testing.assert_close(w.diagonal(), torch.full((b,), 1.0 / n, dtype=torch.float64))
@@ -204,14 +204,14 @@ def test_mss_index_code_mi_never_exceeds_log_n(fast):
     scale = torch.full((b, d), 0.01)
     fn = dist.Normal(loc.expand(2, b, d), scale.expand(2, b, d)).to_event(1)
     z = fn.rsample()
-    block = dec.CodeBlock("z", z, fn, 1)
-    joint, marg = dec.minibatch_log_aggregate([block], "mss", n, fast=fast)
+    block = _code_layout.CodeBlock("z", z, fn, 1)
+    joint, marg = _aggregate.minibatch_log_aggregate([block], "mss", n, fast=fast)
     mi = fn.log_prob(z) - joint
     assert float(mi.max()) <= math.log(n) + 1e-4
     assert float(mi.min()) > math.log(n) - 0.01  # posteriors disjoint: MI is log N
     # the popular bug adds log W to every dimension of the joint: MI far above log N
     pair = dist.Normal(loc, scale).log_prob(z[:, :, None, :])
-    log_w = dec.mss_log_weights(torch.arange(b), b, n, z.dtype)
+    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, z.dtype)
     buggy_joint = torch.logsumexp((pair + log_w[..., None]).sum(-1), -1)
     assert float((fn.log_prob(z) - buggy_joint).min()) > math.log(n) + 10
 
@@ -230,8 +230,8 @@ def test_normal_kernel_matches_general_path_values_and_gradients(estimator, num_
         ).to_event(1)
         pyro.set_rng_seed(3)
         z = fn.rsample()
-        joint, marg = dec.minibatch_log_aggregate(
-            [dec.CodeBlock("z", z, fn, 1)], estimator, n, chunk, fast=fast
+        joint, marg = _aggregate.minibatch_log_aggregate(
+            [_code_layout.CodeBlock("z", z, fn, 1)], estimator, n, chunk, fast=fast
         )
         weights = torch.linspace(-1, 2, joint.numel()).reshape(joint.shape)
         objective = (joint * weights).sum() + (marg * marg.detach().sin()).sum()
@@ -247,7 +247,7 @@ def test_normal_kernel_gradcheck():
     scale = (torch.rand(1, 6, 3) + 0.3).requires_grad_(True)
     for mss in (True, False):
         assert torch.autograd.gradcheck(
-            lambda z, m, s, mss=mss: dec._NormalMinibatchAggregate.apply(z, m, s, 40, mss, 4),
+            lambda z, m, s, mss=mss: _kernels.NormalMinibatchAggregate.apply(z, m, s, 40, mss, 4),
             (z, loc, scale),
         )
 
@@ -261,13 +261,13 @@ def test_overflowing_density_ratio_falls_back_to_log_sum_exp():
     scale = torch.tensor([[1e-3], [30.0], [1.0], [1.0]])
     z = torch.tensor([[[0.0], [0.0], [5.0], [9.0]]])
     fn = dist.Normal(loc.expand(1, b, 1), scale.expand(1, b, 1)).to_event(1)
-    block = dec.CodeBlock("z", z, fn, 1)
-    columns = dec._canonical_normal([block])
-    raw, _ = dec._NormalMinibatchAggregate.apply(z, *columns, n, True, b)
+    block = _code_layout.CodeBlock("z", z, fn, 1)
+    columns = _kernels.canonical_normal([block])
+    raw, _ = _kernels.NormalMinibatchAggregate.apply(z, *columns, n, True, b)
     assert not torch.isfinite(raw).all()  # the kernel alone overflows here
-    joint, marg = dec.minibatch_log_aggregate([block], "mss", n)
+    joint, marg = _aggregate.minibatch_log_aggregate([block], "mss", n)
     pair = dist.Normal(loc.double(), scale.double()).log_prob(z.double()[:, :, None, :])
-    log_w = dec.mss_log_weights(torch.arange(b), b, n, torch.float64)
+    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, torch.float64)
     expected = torch.logsumexp(pair.sum(-1) + log_w, -1)
     assert torch.isfinite(joint).all() and torch.isfinite(marg).all()
     torch.testing.assert_close(joint.double(), expected, rtol=1e-5, atol=1e-4)
@@ -295,7 +295,7 @@ def test_multivariate_normal_guide_uses_exact_marginals(estimator):
             z = pyro.sample("z", dist.MultivariateNormal(loc[i], scale_tril=tril[i]))
         capture.append((i, z.detach()))
 
-    loss = DecomposedELBO(estimator=estimator, num_particles=2, max_plate_nesting=1)
+    loss = DecomposedELBO(aggregate=estimator, num_particles=2, max_plate_nesting=1)
     pyro.set_rng_seed(7)
     loss.loss(model, guide, batch_size=b)
     factorized = dict(loss.last_terms)
@@ -311,7 +311,7 @@ def test_multivariate_normal_guide_uses_exact_marginals(estimator):
     sd = tril[idx].pow(2).sum(-1).sqrt()
     pair = torch.distributions.Normal(loc[idx], sd).log_prob(z[:, :, None, :])
     if estimator == "mss":
-        log_w = dec.mss_log_weights(torch.arange(b), b, n, z.dtype)
+        log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, z.dtype)
         joint = torch.logsumexp(pair_joint + log_w, -1)
         marg = torch.logsumexp(pair + log_w[..., None], -2).sum(-1)
     else:
@@ -341,7 +341,7 @@ def test_low_rank_multivariate_normal_guide_matches_brute_force():
     loss.loss(model, guide, batch_size=b)
     idx, z = capture[-1]
     q = torch.distributions.LowRankMultivariateNormal(loc[idx], factor[idx], scale[idx] ** 2)
-    log_w = dec.mss_log_weights(torch.arange(b), b, n, z.dtype)
+    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, z.dtype)
     joint = torch.logsumexp(q.log_prob(z[:, :, None, :]) + log_w, -1)
     pair = torch.distributions.Normal(loc[idx], q.variance.sqrt()).log_prob(z[:, :, None, :])
     marg = torch.logsumexp(pair + log_w[..., None], -2).sum(-1)
@@ -453,7 +453,7 @@ def test_loss_methods_agree(estimator, beta):
     n = 40
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
-    loss = DecomposedELBO(beta=beta, gamma=2.0, estimator=estimator, num_particles=2)
+    loss = DecomposedELBO(beta=beta, gamma=2.0, aggregate=estimator, num_particles=2)
     idx = torch.arange(5, 17)
     loss.loss(model, guide, idx=idx)  # creates the parameter
     param = pyro.param("table_loc").unconstrained()
@@ -478,7 +478,7 @@ def test_svi_elbo_module_and_torch_optimizer(estimator):
     n = 30
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
-    loss = DecomposedELBO(beta=5.0, estimator=estimator, num_particles=4)
+    loss = DecomposedELBO(beta=5.0, aggregate=estimator, num_particles=4)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
     values = []
     for step in range(3):
@@ -659,12 +659,15 @@ def test_code_site_without_rsample_is_named():
         DecomposedELBO().loss(model, guide, batch_size=5)
 
 
-def test_batch_of_one_with_mss_is_an_error_but_fine_with_mws():
+def test_batch_of_one_is_an_error_for_both_estimators():
+    """MSS needs the other points; MWS on one point reports only the paper's constants (issue 13:
+    a negative dimension-wise KL), so both refuse a batch of one."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match="Batch size 1 with estimator='mss'"):
-        DecomposedELBO(estimator="mss").loss(model, guide, batch_size=1)
-    assert math.isfinite(DecomposedELBO(estimator="mws").loss(model, guide, batch_size=1))
+        DecomposedELBO(aggregate="mss").loss(model, guide, batch_size=1)
+    with pytest.raises(ValueError, match="Batch size 1 with estimator='mws'"):
+        DecomposedELBO(aggregate="mws").loss(model, guide, batch_size=1)
 
 
 def test_batch_larger_than_dataset_is_an_error():
@@ -732,6 +735,7 @@ def test_masked_code_site_is_an_error():
     "kwargs, error, match",
     [
         ({"estimator": "iwae"}, ValueError, "estimator must be one of"),
+        ({"aggregate": "iwae"}, ValueError, "aggregate must be one of"),
         ({"beta": float("nan")}, ValueError, "beta must be finite"),
         ({"gamma": "big"}, TypeError, "gamma must be a number or a callable"),
         ({"dataset_size": 0}, ValueError, "dataset_size must be a positive int"),

@@ -11,8 +11,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vi_ext.infer import _decomposition as dec
-from pyro_vi_ext.infer.decomposed import SURGERY_TERMS, DecomposedELBO, elbo_surgery
+from pyro_vi_ext.diagnostics.surgery import SURGERY_TERMS, elbo_surgery
+from pyro_vi_ext.infer import _aggregate, _code_layout, _kernels
+from pyro_vi_ext.infer.decomposed import DecomposedELBO
 from tests.infer.test_decomposed import make_table_model, table_problem
 
 
@@ -152,7 +153,7 @@ def test_mss_minibatch_estimates_are_within_a_nat_of_the_exact_values():
     exact = elbo_surgery(model, guide, max_plate_nesting=1)
     assert exact.means["total_correlation"] > 3.0  # a problem where the TC matters
 
-    loss = DecomposedELBO(estimator="mss", num_particles=2, max_plate_nesting=1)
+    loss = DecomposedELBO(aggregate="mss", num_particles=2, max_plate_nesting=1)
     terms = ("index_code_mi", "total_correlation", "dimwise_kl")
     values = torch.tensor(
         [[loss.loss_terms(model, guide, batch_size=b)[t] for t in terms] for _ in range(24)]
@@ -200,10 +201,10 @@ def test_fast_path_falls_back_when_every_term_underflows():
     scale = torch.tensor([[1e-4], [1e28], [1.0]])
     z = torch.tensor([[[0.0], [1e27], [3.5]]])
     fn = dist.Normal(loc[None], scale[None]).to_event(1)
-    block = dec.CodeBlock("z", z, fn, 1)
-    fast = dec._normal_columns([block])
-    assert dec._normal_row_block(fast, z, 0, 3) is None  # the fast sums underflow
-    joint, marg = dec.exact_log_aggregate([[block]], [block.values], 3)
+    block = _code_layout.CodeBlock("z", z, fn, 1)
+    fast = _kernels.normal_columns([block])
+    assert _kernels.normal_row_block(fast, z, 0, 3) is None  # the fast sums underflow
+    joint, marg = _aggregate.exact_log_aggregate([[block]], [block.values], 3)
     pair = torch.distributions.Normal(loc.double(), scale.double()).log_prob(
         z.double()[:, :, None, :]
     )
