@@ -1,4 +1,4 @@
-"""Did it work? Diagnostics of a fitted guide in the terms of ArviZ and Yao et al. (2018).
+r"""Did it work? Diagnostics of a fitted guide in the terms of ArviZ and Yao et al. (2018).
 
 * :func:`to_inference_data`: model, guide and data to an ArviZ ``InferenceData`` (posterior,
   posterior predictive, pointwise log-likelihood, observed data, importance weights);

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +31,7 @@ from pyro_vi_ext.infer._weights import (
     PointPlate,
     common_user_scale,
     guess_plate_nesting,
+    latent_sites,
     particle_plate,
     sample_sites,
     site_log_prob,
@@ -64,11 +65,20 @@ def prepare(
     particles of different blocks with different data points. One run of the guide and the replayed
     model records those indices; both are then replayed with them in every block.
     """
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    try:
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    except ZeroDivisionError as error:
+        if "size cannot be zero" not in str(error):
+            raise
+        raise ValueError(
+            "A pyro.plate of the model or guide got size 0 in this call: an empty batch (no data "
+            "points, e.g. an empty tensor or empty subsample indices). The diagnostics need at "
+            "least one data point; pass a non-empty batch."
+        ) from error
     frozen = poutine.Trace()
     for trace in (guide_trace, model_trace):
         for name, site in trace.nodes.items():
@@ -88,6 +98,11 @@ def prepare(
             )
         nesting = int(max_plate_nesting)
     return Setup(model, guide, tuple(args), dict(kwargs), nesting, indices)
+
+
+def plate_names(plates: Sequence[PointPlate]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Return the names and sizes of point plates, as the results record them."""
+    return tuple(p.name for p in plates), tuple(p.size for p in plates)
 
 
 def check_counts(num_samples: int, chunk_size: int, minimum: int = 1) -> None:
@@ -112,8 +127,127 @@ def _warn_on_tempering(weights: ParticleWeights) -> None:
         )
 
 
-def particle_blocks(setup: Setup, num_samples: int, chunk_size: int) -> Iterator[ParticleWeights]:
-    """Yield :class:`ParticleWeights` for consecutive blocks of at most ``chunk_size`` particles."""
+class ProposalCheck:
+    """Watch a guide's draws, block by block, for what makes it unusable as a proposal.
+
+    * an empty batch: a data plate with no points in this call (raises);
+    * NaN log-weights: raises, naming the model and guide sites whose log-density is NaN;
+    * no spread: a guide latent whose draws are all identical (a point mass: ``Delta``,
+      ``AutoDelta``, a zero scale); :meth:`constant_sites` lists them once all blocks are seen.
+      A discrete site counts only when its identical draws have probability one.
+
+    Examples
+    --------
+    ::
+
+        check = ProposalCheck()
+        for weights in particle_blocks(setup, 1000, 100, check=check):
+            ...
+        problem = check.problem()  # None, or a message naming the point-mass sites
+    """
+
+    def __init__(self) -> None:
+        self.num_draws = 0
+        self._first: dict[str, torch.Tensor] = {}
+        self._varied: set[str] = set()
+
+    def update(self, weights: ParticleWeights) -> None:
+        """Check one block of particles.
+
+        Raises
+        ------
+        ValueError
+            For an empty batch or NaN log-weights, naming the plate or the sites.
+        """
+        for plate in weights.point_plates:
+            if plate.size == 0:
+                raise ValueError(
+                    f"Plate '{plate.name}' holds no data points in this call (an empty batch): "
+                    "the diagnostics need at least one data point. Pass a non-empty batch."
+                )
+        if weights.num_points == 0:
+            raise ValueError(
+                "The model and guide evaluate no data points in this call (an empty batch); "
+                "pass at least one data point."
+            )
+        log_weights = weights.log_weights
+        if bool(torch.isnan(log_weights).any()):
+            raise ValueError(_nan_message(weights))
+        for name, site in latent_sites(weights.guide_trace):
+            if name in self._varied:
+                continue
+            value = site["value"].detach()
+            if site["fn"].support.is_discrete and not bool((site_log_prob(site) == 0).all()):
+                self._varied.add(name)  # a discrete draw of probability < 1: the guide spreads
+                continue
+            rows = value.shape[0] if value.dim() and value.shape[0] == weights.num_particles else 1
+            flat = value.reshape(rows, -1)
+            first = self._first.setdefault(name, flat[:1])
+            if first.shape[-1] != flat.shape[-1] or bool((flat != first).any()):
+                self._varied.add(name)
+        self.num_draws += weights.num_particles
+
+    def constant_sites(self) -> list[str]:
+        """Return the guide latents whose draws were all identical (none with one draw)."""
+        if self.num_draws < 2:
+            return []
+        return [name for name in self._first if name not in self._varied]
+
+    def problem(self) -> str | None:
+        """Return a message naming the point-mass sites, or ``None`` if the guide has spread."""
+        sites = self.constant_sites()
+        if not sites:
+            return None
+        names = ", ".join(f"'{name}'" for name in sites)
+        return (
+            f"The guide cannot serve as an importance proposal: its draws of site(s) {names} "
+            f"are identical in all {self.num_draws} draws (a point mass: a Delta, AutoDelta or "
+            "a zero scale). Importance sampling needs a proposal with spread wherever the "
+            "posterior has mass, so the weights say nothing about the posterior: standard "
+            "errors are reported as NaN, effective sample sizes as 1 and k-hat as inf. Use a "
+            "guide with spread (e.g. AutoNormal) to diagnose the model."
+        )
+
+
+def _nan_message(weights: ParticleWeights) -> str:
+    log_weights = weights.log_weights
+    bad_draws = int(torch.isnan(log_weights).any(-1).sum())
+    sites = [
+        f"{kind} site '{name}'"
+        for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace))
+        for name, site in sample_sites(trace)
+        if bool(torch.isnan(site_log_prob(site)).any())
+    ]
+    where = ", ".join(sites) if sites else "no single site (their sum)"
+    return (
+        f"The log importance weights are NaN in {bad_draws} of {weights.num_particles} draws of "
+        f"this block: the log-density of {where} is NaN there. The NaN comes from the model or "
+        "the guide (a parameter that became NaN in a diverged fit, NaN in the data, an invalid "
+        "scale), not from the diagnostic: check pyro.param values and the model's inputs, then "
+        "rerun."
+    )
+
+
+def particle_blocks(
+    setup: Setup, num_samples: int, chunk_size: int, check: ProposalCheck | None = None
+) -> Iterator[ParticleWeights]:
+    """Yield :class:`ParticleWeights` for consecutive blocks of at most ``chunk_size`` particles.
+
+    Parameters
+    ----------
+    setup : Setup
+        From :func:`prepare`.
+    num_samples : int
+        Total particles.
+    chunk_size : int
+        Particles per block.
+    check : ProposalCheck, optional
+        Fed every block (empty batches, NaN weights, point masses).
+
+    Yields
+    ------
+    ParticleWeights
+    """
     done = 0
     first: tuple[PointPlate, ...] | None = None
     while done < num_samples:
@@ -127,6 +261,8 @@ def particle_blocks(setup: Setup, num_samples: int, chunk_size: int) -> Iterator
                 num_particles=size,
                 plate_nesting=setup.nesting,
             )
+        if check is not None:
+            check.update(weights)
         if first is None:
             first = weights.point_plates
             _warn_on_tempering(weights)
@@ -140,11 +276,11 @@ def particle_blocks(setup: Setup, num_samples: int, chunk_size: int) -> Iterator
 
 
 def collect_log_weights(
-    setup: Setup, num_samples: int, chunk_size: int
+    setup: Setup, num_samples: int, chunk_size: int, check: ProposalCheck | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[PointPlate, ...]]:
-    """``[S, P]`` float64 arrays ``log p(x, z)`` and ``log q(z | x)``, and the point plates."""
+    """Return ``[S, P]`` float64 arrays ``log p(x, z)``, ``log q(z | x)`` and the point plates."""
     log_p, log_q, plates = [], [], ()
-    for weights in particle_blocks(setup, num_samples, chunk_size):
+    for weights in particle_blocks(setup, num_samples, chunk_size, check):
         log_p.append(_numpy(weights.log_p, np.float64))
         log_q.append(_numpy(weights.log_q, np.float64))
         plates = weights.point_plates
@@ -298,7 +434,9 @@ class Draws:
         return self.log_p - self.log_q
 
 
-def collect_draws(setup: Setup, num_samples: int, chunk_size: int) -> Draws:
+def collect_draws(
+    setup: Setup, num_samples: int, chunk_size: int, check: ProposalCheck | None = None
+) -> Draws:
     """Run the guide and model in blocks and keep latents, log-likelihoods and observations."""
     nesting = setup.nesting
     latents: dict[str, SiteDraws] = {}
@@ -308,7 +446,7 @@ def collect_draws(setup: Setup, num_samples: int, chunk_size: int) -> Draws:
     plate_sizes: dict[str, int] = {}
     log_p, log_q = [], []
     plates: tuple[PointPlate, ...] = ()
-    for weights in particle_blocks(setup, num_samples, chunk_size):
+    for weights in particle_blocks(setup, num_samples, chunk_size, check):
         size = weights.num_particles
         plates = weights.point_plates
         log_p.append(_numpy(weights.log_p, np.float64))
@@ -346,7 +484,7 @@ def collect_draws(setup: Setup, num_samples: int, chunk_size: int) -> Draws:
 
 
 def _observed(name: str, site: dict, nesting: int) -> SiteDraws:
-    """The observation, broadcast to the site's batch shape, as a one-draw padded array."""
+    """Return the observation, broadcast to the site's batch shape, as a one-draw padded array."""
     fn, value = site["fn"], site["value"]
     event_dim = fn.event_dim
     value_batch = value.shape[: value.dim() - event_dim]

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pyro_vi_ext.diagnostics.importance import BoundCurve, PSISResult, iw_bound_curve
+from pyro_vi_ext.diagnostics.bound_curve import BoundCurve, iw_bound_curve
+from pyro_vi_ext.diagnostics.psis import PSISResult
 
 _COLORS = {"good": "tab:green", "ok": "tab:orange", "bad": "tab:red"}
 

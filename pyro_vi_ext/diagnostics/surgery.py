@@ -78,7 +78,7 @@ class SurgeryResult:
         return self.means[term], self.standard_errors[term]
 
     def table(self) -> str:
-        """A plain-text table of the terms with their standard errors."""
+        """Return a plain-text table of the terms with their standard errors."""
         lines = [
             f"ELBO surgery: N = {self.num_points}, {self.num_samples} sample(s) per point, "
             f"code {', '.join(self.code_sites)} (D = {self.code_dim}), log N = "
@@ -93,7 +93,7 @@ class SurgeryResult:
         return self.table()
 
     def to_dataframe(self):
-        """A ``pandas.DataFrame`` indexed by term with columns ``mean`` and ``se``."""
+        """Return a ``pandas.DataFrame`` indexed by term with columns ``mean`` and ``se``."""
         import pandas as pd
 
         return pd.DataFrame(

@@ -175,10 +175,32 @@ def exact_log_aggregate(
     dataset_size: int,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``log q(z)`` ``[S, R]`` and ``log q(z_d)`` ``[S, R, D]`` for the samples ``values``
-    (per code site ``[S, R, D_site]``) under ``q(z) = (1/N) sum_n q(z | x_n)``, the columns being
-    every traced batch's code blocks (all ``N`` points together). No gradient.
+    r"""Evaluate the exact aggregate posterior of a whole dataset at given samples.
 
+    With :math:`q(z) = \frac1N \sum_n q(z \mid x_n)` over the columns (every traced batch's code
+    blocks, all :math:`N` points together): :math:`\log q(z_r)` and :math:`\log q(z_{r,d})` at
+    each sample row :math:`z_r`. No gradient.
+
+    Parameters
+    ----------
+    columns : sequence of sequence of CodeBlock
+        Per traced batch, its code blocks (the points' densities).
+    values : sequence of torch.Tensor
+        Per code site, the samples ``[S, R, D_site]``.
+    dataset_size : int
+        :math:`N`, the number of columns (points) in all batches together.
+    chunk_size : int, optional
+        Sample rows per block (default: automatic).
+
+    Returns
+    -------
+    joint : torch.Tensor
+        ``[S, R]``: :math:`\log q(z_r)`.
+    marginal : torch.Tensor
+        ``[S, R, D]``: :math:`\log q(z_{r,d})`.
+
+    Notes
+    -----
     Factorized Normal codes take a fast path (cache-sized blocks, in-place exponentials,
     matrix-vector sums over the points); other families evaluate their ``log_prob`` on
     ``[rows, S, columns, D]`` blocks. A block whose every term underflows falls back to the

@@ -55,8 +55,11 @@ def _shared_over_particles(x: torch.Tensor) -> torch.Tensor:
 
 
 def canonical_normal(blocks: Sequence[CodeBlock]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(loc, scale)`` ``[S', B, D]`` (``S'`` is 1 when shared by the particles) when every
-    block is a factorized Normal, else ``None``."""
+    """Return the columns' ``(loc, scale)``, ``[S', B, D]``, of a factorized Normal code.
+
+    ``S'`` is 1 when the parameters are shared by the particles. ``None`` when some block is not
+    a factorized Normal.
+    """
     locs, scales = [], []
     for block in blocks:
         if block.joint is not None or not isinstance(block.marginal, Normal):
@@ -81,8 +84,11 @@ def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _own_and_stratum(block: torch.Tensor, start: int, stop: int):
-    """Views into a ``[S, r, B]`` block for rows ``start:stop``: the own entries ``(k, start + k)``
-    (``[S, r]``) and the stratum entries ``(k, (start + k + 1) mod B)`` (a list of views)."""
+    """Return views into a ``[S, r, B]`` block of rows ``start:stop``.
+
+    The own entries ``(k, start + k)`` (``[S, r]``) and the stratum entries
+    ``(k, (start + k + 1) mod B)`` (a list of views).
+    """
     size = block.shape[-1]
     own = torch.diagonal(block[:, :, start:stop], dim1=1, dim2=2)
     if stop < size:
@@ -93,9 +99,11 @@ def _own_and_stratum(block: torch.Tensor, start: int, stop: int):
 def _own_shifted_sum(
     log2_density: torch.Tensor, start: int, stop: int, dataset_size: int, mss: bool
 ) -> torch.Tensor:
-    """``log sum_j W_ij exp(L_ij)`` (natural log) for ``L`` given in base 2, ``[S, r, B]``
-    (overwritten), rows ``start:stop`` of the batch. Shifting by the own term ``L_ii`` keeps the
-    sum at least its weight, so nothing underflows."""
+    """Return ``log sum_j W_ij exp(L_ij)`` (natural log) for ``L`` given in base 2.
+
+    ``L`` is ``[S, r, B]`` (overwritten), rows ``start:stop`` of the batch. Shifting by the own
+    term ``L_ii`` keeps the sum at least its weight, so nothing underflows.
+    """
     size = log2_density.shape[-1]
     own2, _ = _own_and_stratum(log2_density, start, stop)
     own = own2 * _LN2  # [S, r], natural log (a copy)
@@ -279,8 +287,11 @@ def normal_columns(blocks: Sequence[CodeBlock]) -> NormalColumns | None:
 def normal_row_block(
     columns: NormalColumns, z_rows: torch.Tensor, start: int, stop: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Log-sum-exp over columns ``start:stop`` for rows ``z_rows`` ``[S, r, D]`` (in-place,
-    no gradient): joint ``[S, r]`` and marginals ``[S, r, D]``; ``None`` if a sum underflowed."""
+    """Sum the densities of columns ``start:stop`` at rows ``z_rows`` ``[S, r, D]``, in log space.
+
+    In place and without gradient. Returns the joint ``[S, r]`` and the marginals ``[S, r, D]``,
+    or ``None`` if a sum underflowed (then use :func:`normal_row_block_stable`).
+    """
     num_particles, num_rows, dim = z_rows.shape
     acc = None
     sums = z_rows.new_empty(num_particles, num_rows, dim)

@@ -409,7 +409,7 @@ class DecomposedELBO(ParticleELBO):
 
     @property
     def last_terms_unshifted(self) -> dict[str, float]:
-        """The terms of :attr:`last_terms` without the estimator's constants.
+        r"""The terms of :attr:`last_terms` without the estimator's constants.
 
         For ``aggregate="mws"`` the aggregate posterior is then the batch average
         :math:`\\log \\frac1B \\sum_j q(z_i \\mid x_j)`, so the MI lies in :math:`[0, \\log B]`;

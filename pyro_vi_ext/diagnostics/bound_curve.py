@@ -1,0 +1,139 @@
+r"""The importance-weighted bound :math:`\mathrm{IWAE}_K` as a function of ``K``.
+
+From one pool of guide draws, :math:`\mathrm{IWAE}_K = \mathbb E \log \frac1K \sum_{k=1}^K w_k`
+[1]_ for several ``K``: it starts at the ELBO (``K = 1``), is non-decreasing in expectation and
+tends to :math:`\log p(x)`; how far it climbs measures the guide's ELBO gap.
+
+References
+----------
+.. [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pyro_vi_ext.diagnostics._sampling import (
+    LogMeanExp,
+    check_counts,
+    collect_log_weights,
+    prepare,
+)
+
+
+@dataclass(frozen=True)
+class BoundCurve:
+    r"""The importance-weighted bound :math:`\mathrm{IWAE}_K` as a function of ``K``.
+
+    Attributes
+    ----------
+    ks
+        The ``K`` values.
+    bound, se
+        Per ``K``: the mean over ``S // K`` disjoint groups of ``K`` draws of
+        :math:`\sum_n \log \frac1K \sum_{k} w_{n,k}` (summed over the evaluated data points; one
+        term for a whole-trace model), and the standard error of that mean (NaN with one group).
+        ``K = 1`` is the ELBO.
+    num_groups
+        Groups averaged per ``K``.
+    log_evidence, log_evidence_se
+        The estimate with all ``S`` draws (:func:`log_evidence` on the same draws).
+    num_samples, num_points
+        ``S`` and the number of evaluated data points.
+    """
+
+    ks: np.ndarray
+    bound: np.ndarray
+    se: np.ndarray
+    num_groups: np.ndarray
+    log_evidence: float
+    log_evidence_se: float
+    num_samples: int
+    num_points: int
+
+    def plot(self, ax=None):
+        """Plot the curve: see :func:`pyro_vi_ext.diagnostics.plot_bound_vs_k`."""
+        from pyro_vi_ext.diagnostics.plots import plot_bound_curve
+
+        return plot_bound_curve(self, ax=ax)
+
+
+def bound_curve_from_log_weights(log_weights, ks: Sequence[int]) -> BoundCurve:
+    r"""IWAE_K for every ``K`` in ``ks`` from ``[S]`` or ``[S, P]`` log weights (draws first)."""
+    if isinstance(log_weights, torch.Tensor):
+        log_weights = log_weights.detach().cpu().numpy()
+    log_weights = np.asarray(log_weights, dtype=np.float64)
+    if log_weights.ndim == 1:
+        log_weights = log_weights[:, None]
+    num_samples, num_points = log_weights.shape
+    ks = np.asarray(sorted({int(k) for k in ks}), dtype=np.int64)
+    if ks.size == 0 or ks[0] < 1 or ks[-1] > num_samples:
+        raise ValueError(f"every K must lie in [1, {num_samples}] (the draws), got {ks.tolist()}")
+    bounds, ses, groups = [], [], []
+    for k in ks:
+        count = num_samples // k
+        block = log_weights[: count * k].reshape(count, k, num_points)
+        peak = block.max(1, keepdims=True)
+        peak = np.where(np.isfinite(peak), peak, 0.0)
+        per_group = (np.log(np.exp(block - peak).sum(1)) + peak[:, 0] - math.log(k)).sum(-1)
+        bounds.append(per_group.mean())
+        ses.append(per_group.std(ddof=1) / math.sqrt(count) if count > 1 else float("nan"))
+        groups.append(count)
+    accumulator = LogMeanExp()
+    accumulator.update(log_weights)
+    value, se, _ = accumulator.result()
+    return BoundCurve(
+        ks=ks,
+        bound=np.asarray(bounds),
+        se=np.asarray(ses),
+        num_groups=np.asarray(groups),
+        log_evidence=float(value.sum()),
+        log_evidence_se=float(np.sqrt(np.square(se).sum())),
+        num_samples=int(num_samples),
+        num_points=int(num_points),
+    )
+
+
+def iw_bound_curve(
+    model: Callable,
+    guide: Callable,
+    *args,
+    ks: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
+    num_samples: int | None = None,
+    chunk_size: int = 1000,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+) -> BoundCurve:
+    r"""Estimate :math:`\mathrm{IWAE}_K = \mathbb E \log \frac1K \sum_{k=1}^K w_k` over ``ks``.
+
+    One pool of ``num_samples`` guide draws (default ``20 * max(ks)``) is split, for every ``K``,
+    into disjoint groups of ``K``; the bound is the mean over groups (summed over data points) with
+    its standard error. In expectation the curve is non-decreasing in ``K``, starts at the ELBO
+    (``K = 1``) and tends to :math:`\log p(x)` [1]_; a flat curve near the ELBO means the guide is
+    already close to the posterior, a long climb that the ELBO gap is large.
+
+    Returns
+    -------
+    BoundCurve
+
+    Examples
+    --------
+    ::
+
+        curve = iw_bound_curve(model, guide, x, ks=(1, 10, 100, 1000))
+        curve.plot()
+    """
+    if num_samples is None:
+        num_samples = 20 * max(int(k) for k in ks)
+    check_counts(num_samples, chunk_size)
+    setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+    log_p, log_q, _ = collect_log_weights(setup, num_samples, chunk_size)
+    return bound_curve_from_log_weights(log_p - log_q, ks)
+
+
+__all__ = ["BoundCurve", "bound_curve_from_log_weights", "iw_bound_curve"]
