@@ -14,6 +14,7 @@ from pyro_vi_ext.diagnostics import (
 )
 from pyro_vi_ext.infer.decomposed import DecomposedELBO, SurgeryResult, elbo_surgery
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
+from pyro_vi_ext.infer.renyi import RenyiAlphaELBO
 from pyro_vi_ext.training import (
     Callback,
     EarlyStopping,
@@ -29,6 +30,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "ImportanceWeightedELBO",
+    "RenyiAlphaELBO",
     "SurgeryResult",
     "elbo_surgery",
     "fit",

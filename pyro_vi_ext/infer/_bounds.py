@@ -151,8 +151,11 @@ def ciwae_bound(log_weights: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def renyi_bound(log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
-    r"""Return the Renyi-alpha bound [2]_ :math:`\frac{1}{1-\alpha}\log\frac{1}{K}\sum_k
-    w_k^{1-\alpha}`, ``[M, P]``.
+    r"""Return the Renyi-alpha bound [2]_, ``[M, P]``.
+
+    .. math::
+
+        L_\alpha = \frac{1}{1-\alpha}\log\frac{1}{K}\sum_k w_k^{1-\alpha}.
 
     ``alpha = 0`` is IWAE; the limit ``alpha -> 1`` is the ELBO :math:`\frac{1}{K}\sum_k \log w_k`,
     returned exactly at ``alpha = 1``. On every sample the value is non-increasing in ``alpha``
@@ -277,8 +280,10 @@ class Bound:
         return self.elbo_weight * elbo_bound(log_weights) + (1.0 - self.elbo_weight) * bound
 
     def particle_weights(self, log_weights: torch.Tensor) -> torch.Tensor:
-        r"""Return :math:`\beta / K + (1 - \beta) v_k` with :math:`v = \mathrm{softmax}((1-\alpha)
-        \log w)`, ``[M, K, P]``."""
+        r"""Return :math:`\beta / K + (1 - \beta) v_k`, ``[M, K, P]``.
+
+        Here :math:`v = \mathrm{softmax}((1-\alpha) \log w)` over the particles.
+        """
         num_particles = log_weights.shape[PARTICLE_DIM]
         tilted = normalized_weights(log_weights, 1.0 - self.alpha)
         return self.elbo_weight / num_particles + (1.0 - self.elbo_weight) * tilted

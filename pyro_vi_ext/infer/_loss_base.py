@@ -177,8 +177,10 @@ class BoundELBO(ParticleELBO):
         value: torch.Tensor,
         guide_surrogate: torch.Tensor,
     ) -> torch.Tensor:
-        """Return the scalar surrogate from the value and the guide's surrogate (default: the
-        guide's surrogate, whose gradient also reaches the model parameters)."""
+        """Return the scalar surrogate from the value and the guide's surrogate.
+
+        By default the guide's surrogate, whose gradient also reaches the model parameters.
+        """
         return guide_surrogate
 
     def differentiable_loss(

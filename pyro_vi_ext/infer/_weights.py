@@ -269,7 +269,7 @@ class _DetachGuideParameters(Messenger):
 
 
 def _replay_trace(guide_trace: poutine.Trace, values: dict[str, torch.Tensor]) -> poutine.Trace:
-    """A trace for replay whose latent values are replaced by ``values`` (subsample sites kept)."""
+    """Return a replay trace with latent values replaced by ``values`` (subsample sites kept)."""
     trace = poutine.Trace()
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample":

@@ -148,7 +148,7 @@ class ImportanceWeightedELBO(BoundELBO):
         return Bound.iwae()
 
     def reported_value(self, log_weights: torch.Tensor) -> torch.Tensor:
-        """Return the value per point: :math:`\\mathrm{IWAE}_{MK}` for PIWAE, else the bound."""
+        r"""Return the value per point: :math:`\mathrm{IWAE}_{MK}` for PIWAE, else the bound."""
         if self.variant == "piwae":
             return iwae_bound(log_weights.reshape(1, -1, log_weights.shape[-1])).squeeze(0)
         return super().reported_value(log_weights)
