@@ -239,3 +239,22 @@ def test_svi_training_reaches_the_exact_posterior(x):
     store = pyro.get_param_store()
     torch.testing.assert_close(store.get_param("A"), torch.full((D,), 0.5), atol=0.08, rtol=0)
     torch.testing.assert_close(store.get_param("s"), torch.full((D,), 0.5**0.5), atol=0.08, rtol=0)
+
+
+def test_trains_through_fit_and_elbo_module():
+    from pyro_vi_ext import fit
+    from tests.infer.test_conformance import N as FIT_N
+    from tests.infer.test_conformance import guide as fit_guide
+    from tests.infer.test_conformance import model as fit_model
+
+    data = 1.5 * torch.randn(FIT_N, 3, generator=torch.Generator().manual_seed(0))
+    loss = RenyiAlphaELBO(num_particles=4, alpha=0.5, estimator="dreg", max_plate_nesting=1)
+    result = fit(fit_model, fit_guide, data, loss, pyro.optim.Adam({"lr": 0.05}), num_steps=40,
+                 batch_size=4, seed=0, progress=False)  # fmt: skip
+    assert result.stop_reason == "completed", result.message
+    history = result.history["loss"]
+    assert history[-10:].mean() < history[:10].mean()
+    assert "renyi_bound" in result.history
+    module = loss(fit_model, fit_guide)
+    out = module(data)
+    assert out.shape == () and out.requires_grad
