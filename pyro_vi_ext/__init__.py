@@ -16,6 +16,7 @@ from pyro_vi_ext.diagnostics import (
 )
 from pyro_vi_ext.infer.decomposed import DecomposedELBO
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
+from pyro_vi_ext.infer.renyi import RenyiAlphaELBO
 from pyro_vi_ext.training import (
     Callback,
     EarlyStopping,
@@ -31,6 +32,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "ImportanceWeightedELBO",
+    "RenyiAlphaELBO",
     "SurgeryResult",
     "elbo_surgery",
     "fit",

@@ -1,4 +1,10 @@
-"""Shared by every loss of the package: the Pyro ELBO contract on top of differentiable_loss."""
+"""Shared by every loss of the package: the Pyro ELBO contract on top of ``differentiable_loss``.
+
+:class:`ParticleELBO` derives ``loss`` and ``loss_and_grads`` from ``differentiable_loss``.
+:class:`BoundELBO` composes the three layers of an importance-weighted loss: the log-weights of
+:func:`~pyro_vi_ext.infer._weights.trace_particles`, a :class:`~pyro_vi_ext.infer._bounds.Bound`
+and a gradient estimator of :mod:`pyro_vi_ext.infer._gradients`.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,36 @@ from collections.abc import Callable
 import torch
 from pyro.infer import ELBO
 
-from pyro_vi_ext.infer._weights import guess_plate_nesting
+from pyro_vi_ext.infer._bounds import Bound, effective_sample_size, elbo_bound
+from pyro_vi_ext.infer._gradients import (
+    DregAliases,
+    Estimator,
+    check_estimator,
+    needs_detached_guide,
+    score_function_surrogate,
+    surrogate_loss,
+)
+from pyro_vi_ext.infer._weights import ParticleWeights, guess_plate_nesting, trace_particles
 
 
 class ParticleELBO(ELBO):
     """Base for losses whose maths lives in :meth:`differentiable_loss`.
 
-    All particles are vectorized on one plate to the left of the model's plates, so the model must
-    have static structure. ``loss`` and ``loss_and_grads`` are derived from ``differentiable_loss``
-    and therefore agree with it. After each call, :attr:`last_terms` holds the reported terms
-    (nats per data point) as plain floats.
+    ``loss`` and ``loss_and_grads`` are derived from ``differentiable_loss`` and therefore agree
+    with it. After each call, :attr:`last_terms` holds the reported terms (nats per data point) as
+    plain floats.
+
+    Parameters
+    ----------
+    num_particles : int
+        Particles per estimate.
+    max_plate_nesting : int or None
+        The model's plate nesting, without the particle plate; guessed by one extra run of model
+        and guide when omitted.
+    vectorize_particles : bool
+        Accepted for Pyro compatibility; the subclass decides what it supports.
+    retain_graph : bool or None
+        Passed to ``backward`` in :meth:`loss_and_grads`.
     """
 
     def __init__(
@@ -69,10 +95,11 @@ class ParticleELBO(ELBO):
         )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """Return the loss as a scalar tensor whose gradient is the estimator (subclasses)."""
         raise NotImplementedError
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """The loss value (negative bound) as a float, computed without building a graph."""
+        """Return the loss value (negative bound) as a float, computed without building a graph."""
         with torch.no_grad():
             value = self.differentiable_loss(model, guide, *args, **kwargs)
         return _checked_float(value)
@@ -90,8 +117,130 @@ class ParticleELBO(ELBO):
         return _checked_float(value)
 
 
+class BoundELBO(ParticleELBO):
+    r"""An importance-weighted bound per data point with a chosen gradient estimator.
+
+    Subclasses supply the :class:`~pyro_vi_ext.infer._bounds.Bound` (:meth:`bound`); this class
+    traces ``M K`` particles, reshapes the log-weights to ``[M, K, P]``, takes the value
+    :math:`\frac{N}{B}\sum_n \frac{1}{M}\sum_m f(\log w_{m,\cdot,n})` (subsampling factor after
+    the per-point reduction) and builds the surrogate of ``estimator``.
+
+    Parameters
+    ----------
+    num_particles : int
+        Particles ``K`` per bound.
+    num_outer : int
+        Independent bounds ``M`` averaged.
+    estimator : {"iwae", "stl", "dreg"}
+        The gradient estimator (:mod:`pyro_vi_ext.infer._gradients`).
+    max_plate_nesting, vectorize_particles, retain_graph
+        As for :class:`ParticleELBO`.
+    """
+
+    #: key of the objective's value in :attr:`last_terms`
+    bound_term = "bound"
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        num_outer: int = 1,
+        estimator: Estimator = "iwae",
+        max_plate_nesting: int | None = None,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+    ):
+        check_estimator(estimator)
+        if not isinstance(num_outer, int) or num_outer < 1:
+            raise ValueError(f"num_outer must be a positive int, got {num_outer!r}")
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+        )
+        self.num_outer = num_outer
+        self.estimator: Estimator = estimator
+
+    def bound(self) -> Bound:
+        """Return the bound optimized (subclasses)."""
+        raise NotImplementedError
+
+    def reported_value(self, log_weights: torch.Tensor) -> torch.Tensor:
+        """Return the value per point ``[P]`` reported and returned (default: the bound's mean)."""
+        return self.bound().value(log_weights).mean(0)
+
+    def combine_surrogates(
+        self,
+        model: Callable,
+        guide: Callable,
+        weights: ParticleWeights,
+        value: torch.Tensor,
+        guide_surrogate: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the scalar surrogate from the value and the guide's surrogate.
+
+        By default the guide's surrogate, whose gradient also reaches the model parameters.
+        """
+        return guide_surrogate
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args, **kwargs
+    ) -> torch.Tensor:
+        """Return the negative bound as a scalar tensor whose gradient is the chosen estimator."""
+        nesting = self._model_plate_nesting(model, guide, args, kwargs)
+        num_outer, num_particles = self.num_outer, self.num_particles
+        bound = self.bound()
+        detach = needs_detached_guide(self.estimator)
+        grad_enabled = torch.is_grad_enabled()
+        aliases = DregAliases() if self.estimator == "dreg" and grad_enabled else None
+        weights = trace_particles(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_outer * num_particles,
+            plate_nesting=nesting,
+            detach_guide_parameters=detach,
+            latent_hook=aliases,
+            require_rsample=self.estimator if detach else None,
+        )
+        log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
+        value = weights.scale * self.reported_value(log_weights).sum()
+        self._record_terms(weights, log_weights, value)
+        if not grad_enabled:
+            return -value
+
+        guide_objective = bound.value(log_weights)  # [M, P]
+        if weights.score is not None:
+            score = weights.score.reshape(num_outer, num_particles, -1)
+            guide_objective = guide_objective + score_function_surrogate(bound, log_weights, score)
+        if aliases is not None:
+            aliases.reweight(
+                bound,
+                log_weights,
+                lambda factor, name, index: weights.per_point_to_site(
+                    factor, weights.guide_trace.nodes[name]
+                ),
+            )
+        guide_surrogate = weights.scale * guide_objective.mean(0).sum()
+        surrogate = self.combine_surrogates(model, guide, weights, value, guide_surrogate)
+        return surrogate_loss(value, surrogate)
+
+    def _record_terms(self, weights: ParticleWeights, log_weights, value) -> None:
+        with torch.no_grad():
+            per_point = weights.scale / weights.data_size
+            self.last_terms = {
+                self.bound_term: float(value) / weights.data_size,
+                "elbo": float(elbo_bound(log_weights).mean(0).sum()) * per_point,
+                "ess": float(effective_sample_size(log_weights).mean()),
+            }
+
+
 def _checked_float(value: torch.Tensor) -> float:
     number = float(value.detach())
     if not math.isfinite(number):
         warnings.warn(f"Encountered non-finite loss {number}", stacklevel=3)
     return number
+
+
+__all__ = ["BoundELBO", "ParticleELBO"]

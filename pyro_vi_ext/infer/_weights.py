@@ -75,9 +75,6 @@ class ParticleWeights:
     scale:
         Multiplier applied after the per-point reduction: the subsampling factor of the point plates
         times the uniform user scale.
-    latent_aliases:
-        For DReG: per guide sample site, the identity alias of its value that the model and the
-        detached guide consumed, so a gradient hook can reweight the path derivative.
     """
 
     model_trace: poutine.Trace
@@ -89,7 +86,6 @@ class ParticleWeights:
     log_q: torch.Tensor
     score: torch.Tensor | None
     scale: float
-    latent_aliases: dict[str, torch.Tensor]
 
     @property
     def log_weights(self) -> torch.Tensor:
@@ -273,7 +269,7 @@ class _DetachGuideParameters(Messenger):
 
 
 def _replay_trace(guide_trace: poutine.Trace, values: dict[str, torch.Tensor]) -> poutine.Trace:
-    """A trace for replay whose latent values are replaced by ``values`` (subsample sites kept)."""
+    """Return a replay trace with latent values replaced by ``values`` (subsample sites kept)."""
     trace = poutine.Trace()
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample":
@@ -409,7 +405,7 @@ def trace_particles(
     num_particles: int,
     plate_nesting: int,
     detach_guide_parameters: bool = False,
-    alias_latents: bool = False,
+    latent_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     require_rsample: str | None = None,
 ) -> ParticleWeights:
     """Run ``guide`` and ``model`` once under a vectorized particle plate and collect log-weights.
@@ -423,9 +419,10 @@ def trace_particles(
     detach_guide_parameters:
         Compute ``log_q`` from a replay of the guide with detached parameters (STL, DReG), keeping
         the path derivative through the reparameterized latents.
-    alias_latents:
-        Feed the model and the detached replay identity aliases of the latents, returned in
-        ``latent_aliases``, so a gradient hook can reweight the path derivative (DReG).
+    latent_hook:
+        ``latent_hook(name, value)`` returns the tensor the model and the detached guide replay
+        consume in place of each guide latent's value (DReG's aliases,
+        :class:`~pyro_vi_ext.infer._gradients.DregAliases`).
     require_rsample:
         Name of the estimator that needs every guide site reparameterized; a site without
         ``rsample`` then raises.
@@ -439,10 +436,10 @@ def trace_particles(
     full_guide_trace = poutine.trace(wrapped_guide).get_trace(*args, **kwargs)
     model_source = full_guide_trace
     aliases: dict[str, torch.Tensor] = {}
-    if alias_latents:
-        for name, site in latent_sites(full_guide_trace):
-            if site["value"].requires_grad:
-                aliases[name] = site["value"].view_as(site["value"])
+    if latent_hook is not None:
+        aliases = {
+            name: latent_hook(name, site["value"]) for name, site in latent_sites(full_guide_trace)
+        }
         model_source = _replay_trace(full_guide_trace, aliases)
     full_model_trace = poutine.trace(poutine.replay(wrapped_model, trace=model_source)).get_trace(
         *args, **kwargs
@@ -527,7 +524,6 @@ def trace_particles(
         log_q=log_q,
         score=score,
         scale=scale,
-        latent_aliases=aliases,
     )
 
 

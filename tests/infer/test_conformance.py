@@ -23,6 +23,11 @@ SETTINGS = {
         for estimator in ("iwae", "stl", "dreg")
         for variant, outer in (("iwae", 1), ("iwae", 2), ("ciwae", 1), ("piwae", 2))
     ],
+    "RenyiAlphaELBO": [
+        {"num_particles": 4, "alpha": alpha, "estimator": estimator, "num_outer": outer}
+        for estimator in ("iwae", "stl", "dreg")
+        for alpha, outer in ((0.5, 1), (1.0, 1), (2.0, 2))
+    ],
     "DecomposedELBO": [
         {"num_particles": 2, "estimator": estimator, "alpha": 1.0, "beta": beta, "gamma": 1.0}
         for estimator in ("mss", "mws")
