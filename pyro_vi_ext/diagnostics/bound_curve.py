@@ -24,6 +24,7 @@ from pyro_vi_ext.diagnostics._sampling import (
     collect_log_weights,
     prepare,
 )
+from pyro_vi_ext.infer._bounds import iwae_bound
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,32 @@ class BoundCurve:
         return plot_bound_curve(self, ax=ax)
 
 
-def bound_curve_from_log_weights(log_weights, ks: Sequence[int]) -> BoundCurve:
-    r"""IWAE_K for every ``K`` in ``ks`` from ``[S]`` or ``[S, P]`` log weights (draws first)."""
+def bound_curve_from_log_weights(
+    log_weights: np.ndarray | torch.Tensor, ks: Sequence[int]
+) -> BoundCurve:
+    r"""Compute :math:`\mathrm{IWAE}_K` for every ``K`` in ``ks`` from given log weights.
+
+    The ``S`` draws are split, for each ``K``, into ``S // K`` disjoint groups of ``K``;
+    per group :math:`\sum_n \log \frac1K \sum_k w_{n,k}` [1]_, averaged over groups.
+
+    Parameters
+    ----------
+    log_weights : numpy.ndarray or torch.Tensor
+        ``[S]`` or ``[S, P]`` log importance weights, draws first.
+    ks : sequence of int
+        The ``K`` values, each in ``[1, S]``.
+
+    Returns
+    -------
+    BoundCurve
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> curve = bound_curve_from_log_weights(np.zeros((100, 2)), ks=(1, 10))
+    >>> curve.bound.tolist()
+    [0.0, 0.0]
+    """
     if isinstance(log_weights, torch.Tensor):
         log_weights = log_weights.detach().cpu().numpy()
     log_weights = np.asarray(log_weights, dtype=np.float64)
@@ -77,10 +102,8 @@ def bound_curve_from_log_weights(log_weights, ks: Sequence[int]) -> BoundCurve:
     bounds, ses, groups = [], [], []
     for k in ks:
         count = num_samples // k
-        block = log_weights[: count * k].reshape(count, k, num_points)
-        peak = block.max(1, keepdims=True)
-        peak = np.where(np.isfinite(peak), peak, 0.0)
-        per_group = (np.log(np.exp(block - peak).sum(1)) + peak[:, 0] - math.log(k)).sum(-1)
+        block = torch.as_tensor(log_weights[: count * k].reshape(count, k, num_points))
+        per_group = iwae_bound(block).sum(-1).numpy()  # [groups]: sum over points
         bounds.append(per_group.mean())
         ses.append(per_group.std(ddof=1) / math.sqrt(count) if count > 1 else float("nan"))
         groups.append(count)
@@ -116,6 +139,19 @@ def iw_bound_curve(
     its standard error. In expectation the curve is non-decreasing in ``K``, starts at the ELBO
     (``K = 1``) and tends to :math:`\log p(x)` [1]_; a flat curve near the ELBO means the guide is
     already close to the posterior, a long climb that the ELBO gap is large.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Pyro model and guide, called with ``*args, **kwargs``.
+    ks : sequence of int
+        The ``K`` values.
+    num_samples : int, optional
+        Size of the pool of draws (default ``20 * max(ks)``).
+    chunk_size : int
+        Particles per vectorized run.
+    max_plate_nesting : int, optional
+        The model's plate nesting (guessed when omitted).
 
     Returns
     -------

@@ -89,7 +89,26 @@ def plot_khat(result: PSISResult, ax=None, kind: str = "scatter"):
 
 
 def plot_bound_curve(curve: BoundCurve, ax=None):
-    """Plot a :class:`BoundCurve` (IWAE_K versus K with 2 standard errors, log-evidence band)."""
+    """Plot a :class:`BoundCurve`: IWAE_K versus K with 2 standard errors, log-evidence band.
+
+    Parameters
+    ----------
+    curve : BoundCurve
+        From :func:`~pyro_vi_ext.diagnostics.iw_bound_curve` or
+        :func:`~pyro_vi_ext.diagnostics.bound_curve_from_log_weights`.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on (a new figure when omitted).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    ::
+
+        plot_bound_curve(iw_bound_curve(model, guide, x, ks=(1, 10, 100)))
+    """
     ax = _axes(ax)
     per = curve.num_points if curve.num_points > 1 else 1
     bound, se = curve.bound / per, curve.se / per
@@ -136,6 +155,15 @@ def plot_bound_vs_k(
     and draws mean :math:`\pm` 2 standard errors per ``K`` on a log axis, with the all-draws
     log-evidence estimate as a dashed line and band. Values are per data point for a model with
     data plates shared by all sites, else for the whole trace.
+
+    Parameters
+    ----------
+    model, guide : callable
+        Pyro model and guide, called with ``*args, **kwargs``.
+    ks, num_samples, chunk_size, max_plate_nesting
+        As in :func:`~pyro_vi_ext.diagnostics.iw_bound_curve`.
+    ax : matplotlib.axes.Axes, optional
+        Axes to draw on (a new figure when omitted).
 
     Returns
     -------

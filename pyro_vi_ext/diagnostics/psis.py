@@ -1,4 +1,4 @@
-r"""PSIS k-hat: is the guide close enough to the posterior for importance sampling?
+r"""PSIS k-hat: whether the guide is close enough to the posterior for importance sampling.
 
 With draws :math:`z_s \sim q(z \mid x)` and log importance ratios
 :math:`\log w_s = \log p(x, z_s) - \log q(z_s \mid x)`, the Pareto shape :math:`\hat k` of the
@@ -31,6 +31,7 @@ from pyro_vi_ext.diagnostics._sampling import (
     plate_names,
     prepare,
 )
+from pyro_vi_ext.infer._bounds import effective_sample_size
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -56,15 +57,10 @@ def khat_threshold(num_samples: int) -> float:
     return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
 
 
-def effective_sample_size(log_weights: np.ndarray, axis: int) -> np.ndarray:
-    r"""Return :math:`1 / \sum_s \tilde w_s^2` along ``axis`` (self-normalized weights).
-
-    Computed in log space from log weights.
-    """
-    log_weights = np.asarray(log_weights, dtype=np.float64)
-    shifted = log_weights - log_weights.max(axis, keepdims=True)
-    normalized = np.exp(shifted) / np.exp(shifted).sum(axis, keepdims=True)
-    return 1.0 / np.square(normalized).sum(axis)
+def _draws_ess(log_weights: np.ndarray) -> np.ndarray:
+    """Effective sample size per point of ``[S, P]`` log weights (draws first), as numpy."""
+    as_bound_input = torch.as_tensor(log_weights, dtype=torch.float64)[None]  # [1, S, P]
+    return effective_sample_size(as_bound_input)[0].numpy()
 
 
 def flag_point_mass(result: PSISResult, problem: str | None) -> PSISResult:
@@ -196,8 +192,8 @@ def psis_from_log_weights(
     smoothed, khat = _arviz_compat.psislw(log_weights.T)
     return PSISResult(
         khat=np.atleast_1d(khat),
-        ess=np.atleast_1d(effective_sample_size(log_weights, axis=0)),
-        psis_ess=np.atleast_1d(effective_sample_size(smoothed, axis=-1)),
+        ess=np.atleast_1d(_draws_ess(log_weights)),
+        psis_ess=np.atleast_1d(_draws_ess(np.asarray(smoothed).T)),
         num_samples=int(log_weights.shape[0]),
         point_plates=tuple(point_plates),
         point_shape=tuple(int(s) for s in point_shape),
@@ -263,7 +259,6 @@ def psis_diagnostic(
 
 __all__ = [
     "PSISResult",
-    "effective_sample_size",
     "khat_threshold",
     "psis_diagnostic",
     "psis_from_log_weights",

@@ -54,12 +54,24 @@ SURGERY_TERMS = (
 
 @dataclass(frozen=True)
 class SurgeryResult:
-    """The exact decomposition of the ELBO over a dataset, with Monte Carlo standard errors.
+    r"""The exact decomposition of the ELBO over a dataset, with Monte Carlo standard errors.
 
-    ``means[t]`` and ``standard_errors[t]`` for ``t`` in :data:`SURGERY_TERMS` (nats per data
-    point): ``reconstruction``, ``index_code_mi``, ``total_correlation``, ``dimwise_kl``,
-    ``marginal_kl`` (= TC + dim-wise KL = KL(q(z) || p(z))) and ``elbo``. ``log_num_points`` is
-    :math:`\\log N`, the upper bound of the index-code MI.
+    Attributes
+    ----------
+    means, standard_errors : dict of str to float
+        Per term ``t`` in :data:`SURGERY_TERMS` (nats per data point): ``reconstruction``,
+        ``index_code_mi``, ``total_correlation``, ``dimwise_kl``, ``marginal_kl`` (= TC +
+        dim-wise KL = KL(q(z) || p(z))) and ``elbo``.
+    num_points : int
+        :math:`N`, the points decomposed.
+    num_samples : int
+        Codes drawn per point.
+    code_sites : tuple of str
+        The code's sites.
+    code_dim : int
+        :math:`D`, the code's scalars per point.
+    log_num_points : float
+        :math:`\log N`, the upper bound of the index-code MI.
     """
 
     means: dict[str, float]
@@ -71,6 +83,7 @@ class SurgeryResult:
     log_num_points: float = field(init=False)
 
     def __post_init__(self):
+        """Set :attr:`log_num_points` from :attr:`num_points`."""
         object.__setattr__(self, "log_num_points", math.log(self.num_points))
 
     def __getitem__(self, term: str) -> tuple[float, float]:
@@ -90,6 +103,7 @@ class SurgeryResult:
         return "\n".join(lines)
 
     def __str__(self) -> str:
+        """Return :meth:`table`."""
         return self.table()
 
     def to_dataframe(self):
@@ -147,17 +161,17 @@ def elbo_surgery(
     max_plate_nesting: int | None = None,
     **kwargs,
 ) -> SurgeryResult:
-    r"""Decompose the ELBO of a trained model and guide over a whole dataset, exactly [2].
+    r"""Decompose the ELBO of a trained model and guide over a whole dataset, exactly [1]_.
 
     Every point :math:`n` of the data plate gets ``num_samples`` codes :math:`z \sim q(z \mid
     x_n)`; the aggregate posterior :math:`q(z) = \frac1N \sum_{n=1}^N q(z \mid x_n)` and its
     marginals :math:`q(z_d)` are evaluated exactly at every sample, summing over all :math:`N`
     points (:math:`\log q(z) = \operatorname{logsumexp}_n \log q(z \mid x_n) - \log N`, chunked
     over blocks of samples and points, so memory stays bounded). The terms are those of
-    :class:`DecomposedELBO` (plus ``marginal_kl`` = TC + dim-wise KL), averaged over points and
-    samples. Their only error is Monte Carlo over the codes: with ``num_samples >= 2`` the standard
-    error uses the within-point variance; with one sample per point it uses the spread across
-    points, an upper bound. The exact index-code MI never exceeds :math:`\log N`.
+    :class:`~pyro_vi_ext.DecomposedELBO` (plus ``marginal_kl`` = TC + dim-wise KL), averaged over
+    points and samples. Their only error is Monte Carlo over the codes: with ``num_samples >= 2``
+    the standard error uses the within-point variance; with one sample per point it uses the
+    spread across points, an upper bound. The exact index-code MI never exceeds :math:`\log N`.
 
     The points are traced ``batch_size`` at a time (all at once by default), in one of three ways:
 
@@ -172,23 +186,60 @@ def elbo_surgery(
       its repeated points are counted once).
 
     Every sample site must lie in the data plate (no global latents). Run encoders in evaluation
-    mode (dropout, batch norm) before calling. Samples come from Pyro's global RNG.
+    mode (dropout, batch norm) before calling. Samples come from Pyro's global RNG. An
+    :class:`~pyro.infer.autoguide.AutoNormal` guide is read through its unconstrained samples, as
+    in :class:`~pyro_vi_ext.DecomposedELBO`.
 
-    Example::
+    Parameters
+    ----------
+    model, guide : callable
+        The trained Pyro model and guide.
+    *args, **kwargs
+        The model's arguments covering the whole dataset (empty with ``batch_args``).
+    num_samples : int
+        Codes drawn per point (vectorized).
+    batch_size : int, optional
+        Points traced at once (default: all, or the plate's ``subsample_size``).
+    batch_args : callable, optional
+        Builds ``(args, kwargs)`` for a tensor of row indices.
+    dataset_size : int, optional
+        :math:`N`; required with ``batch_args``, else the data plate's full size.
+    code_sites : sequence of str, optional
+        Guide sites forming the code (default: every guide latent in the plate).
+    data_plate : str, optional
+        The plate over data points (default: found as in :class:`~pyro_vi_ext.DecomposedELBO`).
+    chunk_size : int, optional
+        Sample rows per block of the pairwise computation (default: automatic).
+    max_plate_nesting : int, optional
+        The model's plate nesting (guessed when omitted).
+
+    Returns
+    -------
+    SurgeryResult
+        Means and standard errors of the terms, nats per point.
+
+    Raises
+    ------
+    ValueError
+        Naming the site, plate or argument: a latent outside the data plate, a ``dataset_size``
+        that differs from the plate's full size, a model that does not index its data by the
+        plate's indices when blocks are needed.
+
+    References
+    ----------
+    .. [1] M. D. Hoffman, M. J. Johnson, "ELBO surgery: yet another way to carve up the
+       variational evidence lower bound", NIPS 2016 Workshop on Advances in Approximate Bayesian
+       Inference.
+    .. [2] R. T. Q. Chen, X. Li, R. Grosse, D. Duvenaud, "Isolating Sources of Disentanglement in
+       Variational Autoencoders", NeurIPS 2018.
+
+    Examples
+    --------
+    ::
 
         result = elbo_surgery(vae.model, vae.guide, x_train, num_samples=2)
         print(result.table())
         mi, mi_se = result["index_code_mi"]
-
-    :param num_samples: codes drawn per point (vectorized).
-    :param batch_size: points traced at once (default: all, or the plate's ``subsample_size``).
-    :param batch_args: builds ``(args, kwargs)`` for a tensor of row indices.
-    :param dataset_size: ``N``; required with ``batch_args``, else the data plate's full size.
-    :param code_sites: guide sites forming the code (default: every guide latent in the plate).
-    :param data_plate: the plate over data points (default: found as in :class:`DecomposedELBO`).
-    :param chunk_size: sample rows per block of the pairwise computation (default: automatic).
-    :param max_plate_nesting: the model's plate nesting (guessed when omitted).
-    :returns: a :class:`SurgeryResult`.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
