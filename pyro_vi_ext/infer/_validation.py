@@ -18,6 +18,7 @@ Two kinds of check live here:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from pathlib import Path
 
+import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
@@ -621,7 +623,7 @@ def check_particle_memory(
     >>> check_particle_memory(model, model, (), {}, num_particles=10, plate_nesting=0)
     """
     probe = 2
-    with poutine.block():
+    with _side_effect_free():
         plate = _weights.particle_plate(probe, plate_nesting)
         guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
@@ -640,6 +642,26 @@ def check_particle_memory(
         f"(at most about {fitting}), split them with num_outer=M (M runs of K/M particles "
         "averaged), use a smaller batch, or vectorize_particles=False where the loss supports it."
     )
+
+
+@contextlib.contextmanager
+def _side_effect_free() -> Iterator[None]:
+    """Run a probe that leaves the random streams and the param store as they were.
+
+    The torch generators (CPU and initialized CUDA devices) are restored, and parameters the probe
+    created are removed, so the run that follows draws exactly what it would have drawn without
+    the probe (seeded results and first-call initializations do not change).
+    """
+    store = pyro.get_param_store()
+    existing = set(store.keys())
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices), poutine.block():
+            yield
+    finally:
+        for name in set(store.keys()) - existing:
+            del store[name]
 
 
 def _gib(num_bytes: int) -> str:

@@ -25,6 +25,7 @@ N, D = 10, 2
 
 @pytest.fixture
 def x() -> torch.Tensor:
+    """Ten 2-d observations from a private generator."""
     return torch.randn(N, D, generator=torch.Generator().manual_seed(3))
 
 
@@ -36,6 +37,7 @@ def local_model(x, size=None, subsample_size=None):
 
 
 def local_guide(x, size=None, subsample_size=None):
+    """Mean-field guide ``q(z_n) = N(loc, I)`` in the same plate as :func:`local_model`."""
     loc = pyro.param("loc", torch.zeros(D))
     with pyro.plate("data", size or x.shape[0], subsample_size=subsample_size):
         pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
@@ -44,6 +46,7 @@ def local_guide(x, size=None, subsample_size=None):
 # -- silent wrong numbers -------------------------------------------------------------------------
 @pytest.mark.parametrize("validation", [True, False])
 def test_misnamed_guide_site_is_refused_naming_both_sites(x, validation):
+    """Guide samples 'zz' for the model's 'z': refused with both names, validation on or off."""
     pyro.enable_validation(validation)
 
     def guide(x):
@@ -55,6 +58,8 @@ def test_misnamed_guide_site_is_refused_naming_both_sites(x, validation):
 
 
 def test_model_latent_forgotten_by_the_guide_is_refused_by_both_loss_families(x):
+    """A global 'w' the guide forgot: both loss families refuse and name it."""
+
     def model(x):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))
         with pyro.plate("data", x.shape[0]):
@@ -73,6 +78,8 @@ def test_model_latent_forgotten_by_the_guide_is_refused_by_both_loss_families(x)
 
 
 def test_plate_of_another_full_size_in_the_guide_is_refused(x):
+    """Plate 'data' of 32 in the guide and 1000 in the model: refused with both sizes."""
+
     def guide(x, size=None, subsample_size=None):
         with pyro.plate("data", 32, subsample_size=subsample_size):
             pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
@@ -86,6 +93,8 @@ def test_plate_of_another_full_size_in_the_guide_is_refused(x):
 
 
 def test_plate_of_another_subsample_size_in_the_guide_is_named(x):
+    """Subsample sizes 10 (model) and 5 (guide): Pyro's error now names the plate."""
+
     def guide(x, size=None, subsample_size=None):
         with pyro.plate("data", size, subsample_size=5):
             pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
@@ -111,12 +120,14 @@ def test_plate_left_of_the_particle_plate_is_refused(x):
 
 # -- unclear errors -------------------------------------------------------------------------------
 def nested_model(x):
+    """Plates 'a' (dim -2) and 'data' (dim -1): two dims of model nesting."""
     with pyro.plate("a", 3, dim=-2), pyro.plate("data", x.shape[0], dim=-1):
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
 
 def nested_guide(x):
+    """Guide for :func:`nested_model` in the same plates."""
     with pyro.plate("a", 3, dim=-2), pyro.plate("data", x.shape[0], dim=-1):
         pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
 
@@ -126,6 +137,7 @@ def nested_guide(x):
 def test_max_plate_nesting_too_small_names_the_plate_and_the_value(
     x, validation, nesting, num_particles
 ):
+    """A too small nesting names plate 'a' and the value 2; that value then works."""
     pyro.enable_validation(validation)
     loss = ImportanceWeightedELBO(num_particles=num_particles, max_plate_nesting=nesting)
     pattern = (
@@ -143,6 +155,7 @@ def test_max_plate_nesting_too_small_names_the_plate_and_the_value(
 
 @pytest.mark.parametrize("loss_class", [ImportanceWeightedELBO, DecomposedELBO])
 def test_loss_class_passed_to_svi_asks_for_an_instance(x, loss_class):
+    """``SVI(..., loss=TheClass)`` calls the class: TypeError asking for an instance."""
     svi = SVI(local_model, local_guide, pyro.optim.Adam({"lr": 0.1}), loss=loss_class)
     name = loss_class.__name__
     with pytest.raises(TypeError, match=rf"Pass an instance: loss={name}\(\.\.\.\)"):
@@ -150,17 +163,21 @@ def test_loss_class_passed_to_svi_asks_for_an_instance(x, loss_class):
 
 
 def test_loss_method_called_on_the_class_asks_for_an_instance(x):
+    """Unbound ``TheClass.loss(model, guide, x)``: TypeError asking for an instance."""
     for method in ("loss", "loss_and_grads", "differentiable_loss"):
         with pytest.raises(TypeError, match=r"called on the loss class instead of an instance"):
             getattr(ImportanceWeightedELBO, method)(local_model, local_guide, x)
 
 
 def test_weight_schedules_passed_positionally_are_still_accepted():
+    """Two callables first are schedules, not a model and a guide, when they take a step."""
     loss = DecomposedELBO(lambda step: 1.0, lambda step: min(1.0, step / 10), 2.0)
     assert loss.beta(5) == 0.5 and loss.gamma == 2.0
 
 
 def test_guide_site_of_the_wrong_event_size_names_both_shapes(x):
+    """Guide event shape (3,) against the model's (2,): both shapes named."""
+
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
@@ -174,6 +191,8 @@ def test_guide_site_of_the_wrong_event_size_names_both_shapes(x):
 
 
 def test_guide_site_with_event_dims_declared_as_batch_dims_says_to_event(x):
+    """Same sizes, batch instead of event dims in the guide: the message says to_event(1)."""
+
     def model():
         pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
 
@@ -190,6 +209,7 @@ def test_guide_site_with_event_dims_declared_as_batch_dims_says_to_event(x):
 
 
 def test_guide_site_outside_the_models_plate_names_the_plates(x):
+    """A local latent sampled outside plate 'data' by the guide: both plate lists named."""
     pyro.enable_validation(False)
 
     def guide(x):
@@ -202,6 +222,7 @@ def test_guide_site_outside_the_models_plate_names_the_plates(x):
 
 @pytest.mark.parametrize("max_plate_nesting", [None, 1])
 def test_empty_batch_names_the_plate_and_the_argument(x, max_plate_nesting):
+    """An empty batch (plate of size 0) names the plate and the empty argument."""
     loss = ImportanceWeightedELBO(num_particles=3, max_plate_nesting=max_plate_nesting)
     pattern = r"Plate 'data' has no elements: the batch is empty \(positional argument 0 of shape"
     with pytest.raises(ValueError, match=pattern):
@@ -209,6 +230,8 @@ def test_empty_batch_names_the_plate_and_the_argument(x, max_plate_nesting):
 
 
 def test_empty_subsample_names_the_plate(x):
+    """An empty subsample index tensor names the plate."""
+
     def model(x):
         with pyro.plate("data", 100, subsample=torch.arange(0)):
             pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -218,6 +241,7 @@ def test_empty_subsample_names_the_plate(x):
 
 
 def test_particles_beyond_the_available_memory_are_refused_before_allocating(x):
+    """Four times the free memory in particles: refused before any allocation."""
     from pyro_vi_ext.infer._validation import available_memory_bytes
 
     limit = available_memory_bytes(torch.device("cpu"))
@@ -232,6 +256,7 @@ def test_particles_beyond_the_available_memory_are_refused_before_allocating(x):
 
 
 def test_particle_memory_estimate_counts_each_site_and_compares_with_the_limit(x):
+    """The estimate is two tensors per site per particle; the limit is inclusive."""
     from pyro_vi_ext.infer._validation import ParticleMemoryError, check_particle_memory
 
     # per particle: guide z, model z and model x, each [N, D] float32, two tensors each
@@ -255,6 +280,7 @@ def test_particle_memory_estimate_counts_each_site_and_compares_with_the_limit(x
 
 
 def test_memory_probe_runs_once_per_model_and_guide(x):
+    """The two-particle probe runs once for a model/guide pair, not every step."""
     calls = []
 
     def guide(x):
@@ -268,6 +294,7 @@ def test_memory_probe_runs_once_per_model_and_guide(x):
 
 
 def test_nan_in_the_data_is_still_an_error(x):
+    """NaN in observed data stays an error naming the site."""
     x = x.clone()
     x[2, 1] = float("nan")
     with pytest.raises(ValueError, match="Observed site 'x' contains NaN"):
@@ -287,6 +314,7 @@ def same_seed_values(model, guide, *args, nesting: int = 1) -> tuple[float, floa
 
 
 def test_obs_mask_with_the_guide_sampling_the_missing_values(x):
+    """obs_mask with the guide sampling 'x_unobserved' matches Trace_ELBO; without it, refused."""
     missing = torch.tensor([False, True] * (N // 2))
 
     def model(x):
@@ -307,11 +335,14 @@ def test_obs_mask_with_the_guide_sampling_the_missing_values(x):
 
 
 def local_guide_1d(x):
+    """Guide for a scalar 'z' per data point."""
     with pyro.plate("data", x.shape[0]):
         pyro.sample("z", dist.Normal(0.5, 1.0))
 
 
 def test_obs_mask_with_nothing_missing_needs_no_guide_site(x):
+    """obs_mask with nothing missing: 'x_unobserved' is masked out and need not be guided."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -322,6 +353,8 @@ def test_obs_mask_with_nothing_missing_needs_no_guide_site(x):
 
 
 def test_auxiliary_guide_sites_and_deterministic_model_sites_are_accepted(x):
+    """AutoNormal's auxiliary sites and a deterministic site: accepted, equal to Trace_ELBO."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
@@ -336,6 +369,7 @@ def test_auxiliary_guide_sites_and_deterministic_model_sites_are_accepted(x):
 
 
 def test_model_side_enumerated_and_fully_masked_sites_are_not_required_in_the_guide():
+    """Enumerated and fully masked model latents are exempt from the guide check."""
     from pyro_vi_ext.infer._validation import check_guide_samples_model_latents
 
     def model():
