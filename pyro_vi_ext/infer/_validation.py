@@ -221,12 +221,13 @@ def check_guide_samples_model_latents(
     >>> trace = poutine.trace(model).get_trace()
     >>> check_guide_samples_model_latents(trace, trace)
     """
-    guide_sites = [name for name, _ in _sample_sites(guide_trace)]
+    guide_sites = [name for name, site in _sample_sites(guide_trace) if not site["is_observed"]]
+    sampled = set(guide_sites)
     missing = [
         name
         for name, site in _sample_sites(model_trace)
         if not site["is_observed"]
-        and name not in guide_trace.nodes
+        and name not in sampled
         and not _is_enumerated(site)
         and not _contributes_nothing(site)
     ]
@@ -236,7 +237,9 @@ def check_guide_samples_model_latents(
     extra = [
         name
         for name, site in _sample_sites(guide_trace)
-        if name not in model_names and not site["infer"].get("is_auxiliary")
+        if name not in model_names
+        and not site["infer"].get("is_auxiliary")
+        and not site["is_observed"]
     ]
     hint = (
         f" The guide samples {_quoted(extra)}, which the model does not have: a misnamed site?"

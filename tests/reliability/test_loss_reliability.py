@@ -279,6 +279,27 @@ def test_particle_memory_estimate_counts_each_site_and_compares_with_the_limit(x
         check(num_particles=100, limit=100 * per_particle - 1)
 
 
+def test_cuda_memory_limit_is_the_free_device_memory(monkeypatch):
+    """On CUDA the limit is the free memory reported by ``torch.cuda.mem_get_info``."""
+    from pyro_vi_ext.infer._validation import available_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (123_456, 10**9))
+    assert available_memory_bytes(torch.device("cuda", 0)) == 123_456
+    assert available_memory_bytes(torch.device("meta")) is None
+
+
+def test_memory_probe_leaves_seeded_draws_and_the_param_store_as_they_were(x):
+    """The probe restores the RNG and removes the parameters it created."""
+    from pyro_vi_ext.infer._validation import check_particle_memory
+
+    torch.manual_seed(5)
+    expected = torch.randn(3)
+    torch.manual_seed(5)
+    check_particle_memory(local_model, local_guide, (x,), {}, num_particles=8, plate_nesting=1)
+    assert torch.equal(torch.randn(3), expected)
+    assert "loc" not in pyro.get_param_store()
+
+
 def test_memory_probe_runs_once_per_model_and_guide(x):
     """The two-particle probe runs once for a model/guide pair, not every step."""
     calls = []
