@@ -33,6 +33,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.messenger import Messenger
 
 # module import: _weights calls back into this module (no name is needed at import time)
 from pyro_vi_ext.infer import _weights
@@ -353,55 +354,59 @@ def check_site_shapes_agree(
     >>> trace = poutine.trace(model).get_trace()
     >>> check_site_shapes_agree(trace, trace, plate_nesting=0)
     """
-    nesting = plate_nesting + 1
     for name, guide_site in _sample_sites(guide_trace):
         model_site = model_trace.nodes.get(name)
         if model_site is None or model_site["type"] != "sample" or model_site["is_observed"]:
             continue
-        model_fn, guide_fn = model_site["fn"], guide_site["fn"]
-        if not all(hasattr(fn, "batch_shape") for fn in (model_fn, guide_fn)):
-            continue
-        model_event, guide_event = tuple(model_fn.event_shape), tuple(guide_fn.event_shape)
-        model_batch = tuple(model_fn.batch_shape)[-nesting:] if nesting else ()
-        guide_batch = tuple(guide_fn.batch_shape)[-nesting:] if nesting else ()
-        batch_agree = all(
-            m == g
-            for m, g in zip_longest(reversed(model_batch), reversed(guide_batch), fillvalue=1)
-        )
-        if model_event == guide_event and batch_agree:
-            continue
-        shown_model = _without_particle_dim(model_fn.batch_shape, 0, plate_nesting)
-        shown_guide = _without_particle_dim(guide_fn.batch_shape, 0, plate_nesting)
-        shapes = (
-            f"the model's distribution has batch shape {shown_model} and event shape "
-            f"{model_event}, the guide's has batch shape {shown_guide} and event shape "
-            f"{guide_event}"
-        )
-        if model_event != guide_event:
-            if math.prod(model_event) * math.prod(shown_model) == math.prod(
-                guide_event
-            ) * math.prod(shown_guide):
-                todo = (
-                    "The sizes match but are split differently between batch and event dims: "
-                    f"declare the same event dims in both, e.g. .to_event({len(model_event)}) on "
-                    "the guide's distribution."
-                )
-            else:
-                todo = (
-                    f"Size the guide's parameters at '{name}' for event shape {model_event} (and "
-                    "mark event dims with .to_event(n) as in the model)."
-                )
-        else:
-            model_plates = [f.name for f in model_site["cond_indep_stack"] if f.vectorized]
-            guide_plates = [f.name for f in guide_site["cond_indep_stack"] if f.vectorized]
-            model_plates = [p for p in model_plates if p != _weights.PARTICLE_PLATE]
-            guide_plates = [p for p in guide_plates if p != _weights.PARTICLE_PLATE]
+        _check_site_shape(name, model_site, guide_site, plate_nesting)
+
+
+def _check_site_shape(name: str, model_site: dict, guide_site: dict, plate_nesting: int) -> None:
+    """Compare one site's distributions in the model and the guide (see check_site_shapes_agree)."""
+    nesting = plate_nesting + 1
+    model_fn, guide_fn = model_site["fn"], guide_site["fn"]
+    if not all(hasattr(fn, "batch_shape") for fn in (model_fn, guide_fn)):
+        return
+    model_event, guide_event = tuple(model_fn.event_shape), tuple(guide_fn.event_shape)
+    model_batch = tuple(model_fn.batch_shape)[-nesting:]
+    guide_batch = tuple(guide_fn.batch_shape)[-nesting:]
+    batch_agree = all(
+        m == g for m, g in zip_longest(reversed(model_batch), reversed(guide_batch), fillvalue=1)
+    )
+    if model_event == guide_event and batch_agree:
+        return
+    shown_model = _without_particle_dim(model_fn.batch_shape, 0, plate_nesting)
+    shown_guide = _without_particle_dim(guide_fn.batch_shape, 0, plate_nesting)
+    shapes = (
+        f"the model's distribution has batch shape {shown_model} and event shape "
+        f"{model_event}, the guide's has batch shape {shown_guide} and event shape "
+        f"{guide_event}"
+    )
+    if model_event != guide_event:
+        if math.prod(model_event) * math.prod(shown_model) == math.prod(guide_event) * math.prod(
+            shown_guide
+        ):
             todo = (
-                f"The model samples it in plates {_quoted(model_plates)}, the guide in plates "
-                f"{_quoted(guide_plates)}: sample '{name}' in the guide inside the same plates, "
-                "with parameters broadcastable to the model's batch shape."
+                "The sizes match but are split differently between batch and event dims: "
+                f"declare the same event dims in both, e.g. .to_event({len(model_event)}) on "
+                "the guide's distribution."
             )
-        raise ModelGuideMismatchError(f"Site '{name}': {shapes}. {todo}")
+        else:
+            todo = (
+                f"Size the guide's parameters at '{name}' for event shape {model_event} (and "
+                "mark event dims with .to_event(n) as in the model)."
+            )
+    else:
+        model_plates = [f.name for f in model_site["cond_indep_stack"] if f.vectorized]
+        guide_plates = [f.name for f in guide_site["cond_indep_stack"] if f.vectorized]
+        model_plates = [p for p in model_plates if p != _weights.PARTICLE_PLATE]
+        guide_plates = [p for p in guide_plates if p != _weights.PARTICLE_PLATE]
+        todo = (
+            f"The model samples it in plates {_quoted(model_plates)}, the guide in plates "
+            f"{_quoted(guide_plates)}: sample '{name}' in the guide inside the same plates, "
+            "with parameters broadcastable to the model's batch shape."
+        )
+    raise ModelGuideMismatchError(f"Site '{name}': {shapes}. {todo}")
 
 
 def check_plates_within_nesting(traces, plate_nesting: int) -> None:
@@ -720,6 +725,62 @@ def _deepest_plate(model: Callable, guide: Callable, args, kwargs) -> tuple[str,
     return deepest
 
 
+class _CheckReplayedShapes(Messenger):
+    """While the model replays a guide trace, compare each latent's shapes before it is used."""
+
+    def __init__(self, guide_trace: poutine.Trace, plate_nesting: int):
+        super().__init__()
+        self._guide_trace = guide_trace
+        self._plate_nesting = plate_nesting
+
+    def _pyro_sample(self, msg) -> None:
+        guide_site = self._guide_trace.nodes.get(msg["name"])
+        if msg["is_observed"] or guide_site is None or guide_site["type"] != "sample":
+            return
+        _check_site_shape(msg["name"], msg, guide_site, self._plate_nesting)
+
+
+def _diagnose_shapes(model, guide, args, kwargs, plate_nesting: int) -> Exception | None:
+    """Re-run guide and model (two particles) and catch a shape mismatch where it starts."""
+    plate = _weights.particle_plate(2, plate_nesting)
+    try:
+        with _side_effect_free():
+            guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+            # outside the particle plate, so that every plate has broadcast the site first
+            checked = _CheckReplayedShapes(guide_trace, plate_nesting)(plate(model))
+            poutine.replay(checked, trace=guide_trace)(*args, **kwargs)
+    except ModelGuideMismatchError as mismatch:
+        return mismatch
+    except Exception:  # fails for another reason: keep the original error
+        return None
+    return None
+
+
+_PLATE_SHAPE = re.compile(r"Shape mismatch inside plate\('(.+?)'\) at site (\S+) dim (-?\d+)")
+
+
+def _explain_plate_shape(error: BaseException, plate_nesting: float) -> Exception | None:
+    found = _PLATE_SHAPE.search(str(error))
+    if found is None:
+        return None
+    plate, site, dim = found[1], found[2], int(found[3])
+    if plate == _weights.PARTICLE_PLATE:
+        why = (
+            f"Site '{site}': its distribution has a batch dim at dim {dim}, where the loss puts "
+            f"its particle plate (max_plate_nesting={plate_nesting}): its batch shape has more "
+            "dims than the plates around it. Mark the extra dims as event dims with "
+            ".to_event(n), or pass a larger max_plate_nesting if they are plates"
+        )
+    else:
+        why = (
+            f"Site '{site}': its distribution has a batch dim at dim {dim} that does not match "
+            f"the size of plate '{plate}' there. The rightmost batch dims belong to the plates: "
+            "mark the site's own dims as event dims with .to_event(n) (the model and the guide "
+            "must agree on the event shape), or size the parameters for the plate"
+        )
+    return ModelGuideMismatchError(f"{why}. ({str(error).splitlines()[0]})")
+
+
 def explain_trace_error(
     error: BaseException,
     model: Callable,
@@ -731,9 +792,12 @@ def explain_trace_error(
     """Return a clearer error for a failure inside a loss, or ``None`` to keep the original.
 
     Recognized: a plate of size zero (an empty batch), a subsample size that differs between
-    model and guide, and ``plate_nesting`` too small for the model's plates and the particle
-    plate (diagnosed by one run of model and guide without the particle plate, on the error path
-    only).
+    model and guide, ``plate_nesting`` too small for the model's plates and the particle plate
+    (diagnosed by one run of model and guide without the particle plate), a guide latent whose
+    shapes break the model before the traces are complete (diagnosed by re-running the model with
+    each replayed latent's shapes compared as it is sampled), and Pyro's "shape mismatch inside
+    plate" (explained). The diagnosing runs happen on the error path only and leave the random
+    streams and the param store as they were.
 
     Parameters
     ----------
@@ -783,14 +847,15 @@ def explain_trace_error(
             "to the plate in both."
         )
     if plate_nesting == math.inf:
-        return None
+        return _explain_plate_shape(error, plate_nesting)
     try:
         deepest = _deepest_plate(model, guide, args, kwargs)
     except Exception:  # the programs fail on their own: keep the original error
-        return None
+        deepest = None
     if deepest is not None and -deepest[1] > plate_nesting:
         return ModelGuideMismatchError(_nesting_message(int(plate_nesting), *deepest))
-    return None
+    shapes = _diagnose_shapes(model, guide, args, kwargs, int(plate_nesting))
+    return shapes if shapes is not None else _explain_plate_shape(error, plate_nesting)
 
 
 def guarded_differentiable_loss(method: Callable) -> Callable:

@@ -208,6 +208,31 @@ def test_guide_site_with_event_dims_declared_as_batch_dims_says_to_event(x):
         ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1).loss(model, guide)
 
 
+def test_guide_event_dims_that_break_the_model_run_are_named_where_they_start(x):
+    """A guide event shape (10, 2) breaks the model at 'x'; the error names 'z' and both shapes."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(N, D), 1.0).to_event(2))
+
+    pattern = r"Site 'z': .*event shape \(2,\), the guide's .*event shape \(10, 2\)"
+    for loss in (ImportanceWeightedELBO(num_particles=3), DecomposedELBO(code_sites="z")):
+        with pytest.raises(ValueError, match=pattern):
+            loss.loss(local_model, guide, x)
+
+
+def test_guide_batch_dims_that_do_not_fit_the_plate_say_to_event(x):
+    """Pyro's "shape mismatch inside plate" gets the reason and the fix."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(N, D), 1.0))
+
+    pattern = r"Site 'z': its distribution has a batch dim at dim -1 that does not match the size "
+    with pytest.raises(ValueError, match=pattern + r"of plate 'data'.*\.to_event\(n\)"):
+        ImportanceWeightedELBO(num_particles=3).loss(local_model, guide, x)
+
+
 def test_guide_site_outside_the_models_plate_names_the_plates(x):
     """A local latent sampled outside plate 'data' by the guide: both plate lists named."""
     pyro.enable_validation(False)
