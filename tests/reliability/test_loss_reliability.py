@@ -107,6 +107,22 @@ def test_plate_of_another_subsample_size_in_the_guide_is_named(x):
         )
 
 
+def test_plates_at_swapped_dims_are_refused_even_when_the_sizes_agree():
+    """Plates 'a' and 'b' of equal size at swapped dims would silently transpose the guide."""
+
+    def model():
+        with pyro.plate("a", 3, dim=-1), pyro.plate("b", 3, dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=torch.zeros(3, 3))
+
+    def guide():
+        with pyro.plate("a", 3, dim=-2), pyro.plate("b", 3, dim=-1):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="Plate '[ab]' sits at dim -[12] in the model but at dim"):
+        ImportanceWeightedELBO(num_particles=3, max_plate_nesting=2).loss(model, guide)
+
+
 def test_plate_left_of_the_particle_plate_is_refused(x):
     """dim=-3 with max_plate_nesting=1: no collision, but particles would mix with plate 'a'."""
 
