@@ -22,6 +22,7 @@ from pyro_vi_ext.diagnostics import (
     plot_bound_vs_k,
     plot_khat,
     psis_diagnostic,
+    psis_from_log_weights,
     to_inference_data,
 )
 
@@ -290,3 +291,100 @@ def test_plot_bound_vs_k(regression):
     np.testing.assert_array_equal(x_values, [1, 4, 16])
     curve = iw_bound_curve(regression.model, guide, *regression.args, ks=(1, 4, 16))
     assert curve.plot() is not None
+
+
+# -- what the draws are: attributes, r_hat, PSIS ------------------------------------------------
+
+
+def test_vi_exports_say_their_draws_are_independent(regression_idata):
+    from pyro_vi_ext.diagnostics.arviz_export import READING_R_HAT
+
+    for attrs in (regression_idata.attrs, regression_idata.posterior.attrs):
+        assert attrs["creation_library"] == "pyro_vi_ext"
+        assert attrs["sampler"] == "variational guide"
+        assert attrs["draws_are_independent"] == 1
+        assert attrs["r_hat_note"] == READING_R_HAT and "kind='stats'" in READING_R_HAT
+    stats = az.summary(regression_idata, kind="stats")
+    assert "r_hat" not in stats.columns and list(stats.index) == ["w[0]", "w[1]", "w[2]"]
+
+
+def test_psis_attributes_match_the_exported_weights(regression):
+    guide = _gaussian_guide(regression.mean, 0.5 * regression.cov)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(regression.model, guide, *regression.args, num_samples=2000)
+    expected = psis_from_log_weights(idata.sample_stats["log_weight"].values.reshape(-1))
+    assert idata.posterior.attrs["psis_khat"] == pytest.approx(float(expected.khat[0]))
+    assert idata.posterior.attrs["psis_ess"] == pytest.approx(float(expected.psis_ess[0]))
+    assert idata.posterior.attrs["psis_ess"] < 0.8 * 2000  # far fewer than the raw count
+
+
+def test_resampled_export_carries_the_proposals_psis_ess(regression):
+    guide = _gaussian_guide(regression.mean, 1.5 * regression.cov)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(
+        regression.model, guide, *regression.args, num_samples=500, resample=True
+    )
+    attrs = idata.posterior.attrs
+    assert attrs["sampler"] == "importance resampling of variational guide draws"
+    assert attrs["num_proposals"] == 2000
+    assert 0 < attrs["psis_ess"] < 2000 and attrs["psis_khat"] < 0.7
+    # repeated draws: fewer distinct values than draws, which ArviZ's ess does not see
+    distinct = len(np.unique(idata.posterior["w"].values[0, :, 0]))
+    assert distinct < 500
+
+
+# -- coords and dims ----------------------------------------------------------------------------
+
+
+def test_user_dims_and_coords_apply_to_every_group(regression):
+    guide = make_exact_guide(regression.x, regression.y)
+    idata = to_inference_data(
+        regression.model,
+        guide,
+        *regression.args,
+        num_samples=20,
+        dims={"w": ["feature"], "y": ["obs"]},
+        coords={"feature": ["a", "b", "c"]},
+    )
+    assert idata.posterior["w"].dims == ("chain", "draw", "feature")
+    assert idata.posterior["feature"].values.tolist() == ["a", "b", "c"]
+    for group in ("log_likelihood", "posterior_predictive"):
+        assert idata[group]["y"].dims == ("chain", "draw", "obs")
+    assert idata.observed_data["y"].dims == ("obs",)
+    # the renamed plate keeps its data indices as coordinates
+    np.testing.assert_array_equal(idata.observed_data["obs"].values, np.arange(50))
+    idata = to_inference_data(
+        regression.model,
+        guide,
+        *regression.args,
+        num_samples=20,
+        coords={"data": np.arange(100, 150)},
+    )
+    for group in ("log_likelihood", "posterior_predictive", "observed_data"):
+        np.testing.assert_array_equal(idata[group]["data"].values, np.arange(100, 150))
+
+
+def test_local_dims_rename_the_pointwise_weights_too(local_toy):
+    idata = to_inference_data(
+        local_toy.model,
+        local_toy.guide(),
+        local_toy.x,
+        num_samples=20,
+        dims={"z": ["point", "coordinate"], "x": ["point", "coordinate"]},
+    )
+    assert idata.posterior["z"].dims == ("chain", "draw", "point", "coordinate")
+    assert idata.sample_stats["log_weight_pointwise"].dims == ("chain", "draw", "point")
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "point")
+
+
+def test_bad_dims_and_coords_are_named(regression):
+    guide = make_exact_guide(regression.x, regression.y)
+    args = (regression.model, guide, *regression.args)
+    with pytest.raises(ValueError, match="variable 'v'.*exported variables"):
+        to_inference_data(*args, num_samples=10, dims={"v": ["a"]})
+    with pytest.raises(ValueError, match=r"dims\['w'\] gives 2 names"):
+        to_inference_data(*args, num_samples=10, dims={"w": ["a", "b"]})
+    with pytest.raises(ValueError, match="coords names dim 'school'"):
+        to_inference_data(*args, num_samples=10, coords={"school": range(8)})
+    with pytest.raises(ValueError, match=r"coords\['data'\] has 3 values but dim 'data' has size"):
+        to_inference_data(*args, num_samples=10, coords={"data": [1, 2, 3]})
