@@ -75,3 +75,7 @@ _copy_notebooks()
 if nb_execution_mode != "off":
     os.environ.setdefault("CI", "true")  # the notebooks' small size, as in the tests
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # the kernels run in docs/notebooks: let them import this checkout's models and package
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )

@@ -257,7 +257,7 @@ class CSVLogger(Callback):
     """Write the step history, and optionally the epoch history, to CSV files (stdlib ``csv``).
 
     The step file has the columns ``step``, ``epoch`` and then every quantity in the order it
-    first appeared (``loss``, ``lr``, ``grad_norm``, terms); the epoch file ``epoch``, ``step``,
+    first appeared (``loss``, ``grad_norm``, ``lr``, terms); the epoch file ``step``, ``epoch``,
     the epoch means and the ``eval_*`` values (empty on epochs without evaluation). A column
     that first appears later in training (e.g. ``eval_loss`` with ``eval_every > 1``) rewrites
     the file with the new header, so every file is a valid CSV at any time.
