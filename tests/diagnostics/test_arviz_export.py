@@ -35,6 +35,7 @@ def _normal_log_prob(value, loc, scale):
 
 @pytest.fixture(scope="module")
 def regression_idata(regression):
+    """1000 draws of the exact posterior in 2 pseudo-chains, with the loss recorded."""
     pyro.set_rng_seed(0)
     guide = make_exact_guide(regression.x, regression.y)
     loss = ImportanceWeightedELBO(num_particles=8, estimator="dreg")
@@ -44,6 +45,7 @@ def regression_idata(regression):
 
 
 def test_regression_groups_dims_and_coords(regression_idata, regression):
+    """Groups, dims named after plates, no singleton dims, plate coordinates."""
     idata = regression_idata
     assert SAMPLE_GROUPS | {"observed_data"} <= set(idata.groups())
     w = idata.posterior["w"]
@@ -59,6 +61,7 @@ def test_regression_groups_dims_and_coords(regression_idata, regression):
 
 
 def test_regression_values_match_hand_computation(regression_idata, regression):
+    """Log-likelihood, lp and log q equal the closed forms on the exported draws."""
     idata = regression_idata
     w = idata.posterior["w"].values.astype(np.float64)  # [2, 500, 3]
     x, y = regression.x.double().numpy(), regression.y.double().numpy()
@@ -78,6 +81,7 @@ def test_regression_values_match_hand_computation(regression_idata, regression):
 
 
 def test_posterior_predictive_is_paired_with_the_draws(regression_idata, regression):
+    """Predictive minus the draw's mean is unit noise."""
     idata = regression_idata
     w = idata.posterior["w"].values.astype(np.float64)
     mean = np.einsum("cdk,nk->cdn", w, regression.x.double().numpy())
@@ -88,6 +92,7 @@ def test_posterior_predictive_is_paired_with_the_draws(regression_idata, regress
 
 
 def test_regression_attrs(regression_idata):
+    """Loss, estimator and library attributes."""
     for attrs in (regression_idata.attrs, regression_idata.posterior.attrs):
         assert attrs["loss"] == "ImportanceWeightedELBO"
         assert attrs["estimator"] == "dreg"
@@ -98,6 +103,7 @@ def test_regression_attrs(regression_idata):
 
 
 def test_arviz_summary_and_plots(regression_idata):
+    """ArviZ summary and plots run on the export."""
     summary = az.summary(regression_idata)
     assert summary.index.tolist() == ["w[0]", "w[1]", "w[2]"]
     assert np.all(np.abs(summary["r_hat"] - 1.0) < 0.05)  # pseudo-chains of iid draws
@@ -109,6 +115,7 @@ def test_arviz_summary_and_plots(regression_idata):
 
 
 def test_loo_is_finite_with_sensible_parameter_count(regression_idata):
+    """az.loo on exact-posterior draws: finite, p_loo near 3."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "Pareto k too high" warning
         loo = az.loo(regression_idata)
@@ -118,6 +125,7 @@ def test_loo_is_finite_with_sensible_parameter_count(regression_idata):
 
 
 def test_netcdf_round_trip(regression_idata, tmp_path):
+    """A netCDF round trip keeps groups, dims, values and attributes."""
     path = tmp_path / "fit.nc"
     regression_idata.to_netcdf(str(path))
     loaded = az.from_netcdf(str(path))
@@ -134,12 +142,14 @@ def test_netcdf_round_trip(regression_idata, tmp_path):
 
 
 def test_num_chains_must_divide_num_samples(regression):
+    """Pseudo-chains must split the draws evenly."""
     guide = make_exact_guide(regression.x, regression.y)
     with pytest.raises(ValueError, match="multiple of num_chains"):
         to_inference_data(regression.model, guide, *regression.args, num_samples=100, num_chains=3)
 
 
 def test_resampled_regression_export(regression):
+    """Resampled draws correct a shifted guide and stay paired with their rows."""
     q_mean = regression.mean + 0.5 * regression.cov.diagonal().sqrt()
     guide = _gaussian_guide(q_mean, 1.5 * regression.cov)
     idata = to_inference_data(
@@ -174,6 +184,7 @@ def _gaussian_guide(mean, cov):
 
 @pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto:UserWarning")
 def test_local_latent_export(local_toy):
+    """Local latents: dims, deterministic sites and the per-point log-likelihood."""
     idata = to_inference_data(
         local_toy.model, local_toy.guide(scale=1.2), local_toy.x, num_samples=400
     )
@@ -193,6 +204,7 @@ def test_local_latent_export(local_toy):
 
 
 def test_resampled_local_export_keeps_points_paired(local_toy):
+    """Per-point resampling moves latents, log-likelihood and weights together."""
     # every point resamples its own draw; latents, log-likelihood and weights must move together
     guide = local_toy.guide(scale=0.8, shift=0.4)
     idata = to_inference_data(local_toy.model, guide, local_toy.x, num_samples=500, resample=True)
@@ -210,6 +222,7 @@ def test_resampled_local_export_keeps_points_paired(local_toy):
 
 
 def test_subsampled_plate_exports_its_minibatch(local_toy):
+    """One frozen minibatch for the whole export."""
     idata = to_inference_data(
         local_toy.model, local_toy.guide(), local_toy.x, 10, num_samples=200, chunk_size=50
     )
@@ -229,6 +242,7 @@ def test_subsampled_plate_exports_its_minibatch(local_toy):
 
 
 def test_eight_schools_autoguide_export():
+    """An AutoNormal guide with a deterministic site."""
     sigma, y = eight_schools_data()
     model, guide = build_eight_schools(parameterization="noncentered")
     idata = to_inference_data(model, guide, sigma, y, num_samples=200, num_chains=2)
@@ -247,6 +261,8 @@ def test_eight_schools_autoguide_export():
 
 
 def test_site_specific_scale_warns(local_toy):
+    """Site-specific scales warn; a shared scale does not."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=0.5):  # a KL-annealing factor on the latent only
@@ -270,6 +286,7 @@ def test_site_specific_scale_warns(local_toy):
 
 
 def test_plot_khat(local_toy):
+    """k-hat plot, scatter and histogram."""
     result = psis_diagnostic(
         local_toy.model, local_toy.guide(scale=0.6), local_toy.x, num_samples=1000
     )
@@ -284,6 +301,7 @@ def test_plot_khat(local_toy):
 
 
 def test_plot_bound_vs_k(regression):
+    """Bound versus K on a log axis."""
     guide = _gaussian_guide(regression.mean, 0.5 * regression.cov)
     ax = plot_bound_vs_k(regression.model, guide, *regression.args, ks=(1, 4, 16))
     assert ax.get_xscale() == "log"
@@ -297,6 +315,7 @@ def test_plot_bound_vs_k(regression):
 
 
 def test_vi_exports_say_their_draws_are_independent(regression_idata):
+    """Every export says its draws are independent and how to read r_hat."""
     from pyro_vi_ext.diagnostics.arviz_export import READING_R_HAT
 
     for attrs in (regression_idata.attrs, regression_idata.posterior.attrs):
@@ -309,6 +328,7 @@ def test_vi_exports_say_their_draws_are_independent(regression_idata):
 
 
 def test_psis_attributes_match_the_exported_weights(regression):
+    """psis_khat and psis_ess are those of the exported log weights."""
     guide = _gaussian_guide(regression.mean, 0.5 * regression.cov)
     pyro.set_rng_seed(0)
     idata = to_inference_data(regression.model, guide, *regression.args, num_samples=2000)
@@ -319,6 +339,7 @@ def test_psis_attributes_match_the_exported_weights(regression):
 
 
 def test_resampled_export_carries_the_proposals_psis_ess(regression):
+    """Resampled exports record the proposals' PSIS ESS; the draws repeat."""
     guide = _gaussian_guide(regression.mean, 1.5 * regression.cov)
     pyro.set_rng_seed(0)
     idata = to_inference_data(
@@ -337,6 +358,7 @@ def test_resampled_export_carries_the_proposals_psis_ess(regression):
 
 
 def test_user_dims_and_coords_apply_to_every_group(regression):
+    """dims= and coords= reach every group; a renamed plate keeps its indices."""
     guide = make_exact_guide(regression.x, regression.y)
     idata = to_inference_data(
         regression.model,
@@ -365,6 +387,7 @@ def test_user_dims_and_coords_apply_to_every_group(regression):
 
 
 def test_local_dims_rename_the_pointwise_weights_too(local_toy):
+    """Renaming a plate dim renames it in log_weight_pointwise too."""
     idata = to_inference_data(
         local_toy.model,
         local_toy.guide(),
@@ -378,6 +401,7 @@ def test_local_dims_rename_the_pointwise_weights_too(local_toy):
 
 
 def test_bad_dims_and_coords_are_named(regression):
+    """Unknown variables, wrong lengths and unknown dims raise naming them."""
     guide = make_exact_guide(regression.x, regression.y)
     args = (regression.model, guide, *regression.args)
     with pytest.raises(ValueError, match="variable 'v'.*exported variables"):
