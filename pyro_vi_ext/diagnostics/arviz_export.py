@@ -149,7 +149,9 @@ def _resolve_coords(
 
 def _psis_attrs(log_weights: np.ndarray) -> dict[str, float]:
     """Worst-point PSIS k-hat and ESS of guide draws, or empty when PSIS cannot run."""
-    if log_weights.shape[0] < 2 or not np.isfinite(log_weights).any(0).all():
+    if log_weights.shape[0] < 2 or np.isnan(log_weights).any() or np.isposinf(log_weights).any():
+        return {}
+    if not np.isfinite(log_weights).any(0).all():  # a point where every draw has zero weight
         return {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's small-sample notes; the value says enough
