@@ -198,6 +198,14 @@ def loo_from_log_weights(
     return entries if as_dict else _elpd_data(entries)
 
 
+def _group(idata: Any, name: str) -> Any:
+    """A group of an ``InferenceData`` (or a child of a ``DataTree``), or ``None``."""
+    try:
+        return idata[name]
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
 def _sample_stacked(array: Any, point_dims: list[str]) -> np.ndarray:
     """``(chain, draw, *point_dims)`` DataArray to ``[S, N]``."""
     values = array.transpose("chain", "draw", *point_dims).values
@@ -243,8 +251,9 @@ def loo_from_inference_data(idata: Any, var_name: str | None = None, *, warn: bo
     """
     import xarray as xr
 
-    attrs = dict(idata["posterior"].attrs)
-    if attrs.get("creation_library") != "pyro_vi_ext" or "sample_stats" not in idata.groups():
+    posterior, stats = _group(idata, "posterior"), _group(idata, "sample_stats")
+    attrs = dict(posterior.attrs) if posterior is not None else {}
+    if attrs.get("creation_library") != "pyro_vi_ext" or stats is None:
         raise ValueError(
             "loo_from_inference_data needs an export of pyro_vi_ext.diagnostics."
             "to_inference_data (its sample_stats hold the importance weights); for MCMC draws "
@@ -255,7 +264,9 @@ def loo_from_inference_data(idata: Any, var_name: str | None = None, *, warn: bo
             f"the export holds {attrs.get('draws')!r} draws; PSIS-LOO for VI needs raw guide "
             "draws: export with resample=False"
         )
-    log_lik_group = idata["log_likelihood"]
+    log_lik_group = _group(idata, "log_likelihood")
+    if log_lik_group is None:
+        raise ValueError("the export has no log_likelihood group: the model has no observed site")
     names = list(log_lik_group.data_vars)
     if var_name is None:
         if len(names) != 1:
@@ -265,7 +276,6 @@ def loo_from_inference_data(idata: Any, var_name: str | None = None, *, warn: bo
         raise ValueError(f"no observed site {var_name!r} in log_likelihood; sites: {names}")
     log_lik = log_lik_group[var_name]
     point_dims = [d for d in log_lik.dims if d not in ("chain", "draw")]
-    stats = idata["sample_stats"]
     weight_name = "log_weight_pointwise" if "log_weight_pointwise" in stats.data_vars else None
     log_w = stats[weight_name or "log_weight"]
     extra = [d for d in log_w.dims if d not in log_lik.dims]
