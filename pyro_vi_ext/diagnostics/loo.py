@@ -199,7 +199,7 @@ def loo_from_log_weights(
 
 
 def _group(idata: Any, name: str) -> Any:
-    """A group of an ``InferenceData`` (or a child of a ``DataTree``), or ``None``."""
+    """Return a group of an ``InferenceData`` (a child of a ``DataTree``), or ``None``."""
     try:
         return idata[name]
     except (KeyError, AttributeError, TypeError):

@@ -156,3 +156,18 @@ def test_high_khat_warns(regression):
     with pytest.warns(UserWarning, match="k-hat above"):
         loo = vi_loo(regression.model, narrow, *regression.args, num_samples=1000)
     assert loo["warning"] and loo["guide_pareto_k"] > 0.7
+
+
+def test_monte_carlo_error_matches_the_spread_over_seeds(regression, shifted_guide):
+    """Over 12 seeds the errors scatter as mcse_elpd_loo says and centre on the exact value."""
+    exact = _exact_loo(regression).sum()
+    errors, mcses = [], []
+    for seed in range(12):
+        pyro.set_rng_seed(100 + seed)
+        loo = vi_loo(regression.model, shifted_guide, *regression.args, num_samples=2000)
+        errors.append(loo["elpd_loo"] - exact)
+        mcses.append(loo["mcse_elpd_loo"])
+    spread, mcse = float(np.std(errors, ddof=1)), float(np.mean(mcses))
+    # the sample sd of 12 values is within about +-45% of the truth (two standard errors)
+    assert 0.55 * mcse < spread < 1.8 * mcse
+    assert abs(np.mean(errors)) < 3 * spread / math.sqrt(12)
