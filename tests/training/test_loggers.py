@@ -166,3 +166,20 @@ def test_csv_resume_drops_rows_after_the_checkpoint(tmp_path):
     assert rows[-1]["loss"] == "40.0" and rows[-1]["lr"] == "0.1" and rows[0]["lr"] == ""
     with pytest.raises(ValueError, match="needs a step file"):
         CSVLogger(None)
+
+
+def test_tensorboard_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
+    """A resumed run's events after its start step replace those of the interrupted run."""
+    first = TensorBoardLogger(tmp_path / "run")
+    first.on_fit_start(FitInfo(0, 6, 3, N_DATA, rank=0, world_size=1))
+    for step in range(1, 6):  # interrupted after step 5, last checkpoint at step 3
+        first.on_step_end(StepInfo(step, 0, {"loss": float(step)}))
+    first.on_fit_end()
+    resumed = TensorBoardLogger(tmp_path / "run")
+    resumed.on_fit_start(FitInfo(3, 6, 3, N_DATA, rank=0, world_size=1))
+    for step in range(4, 7):
+        resumed.on_step_end(StepInfo(step, 1, {"loss": 10.0 * step}))
+    resumed.on_fit_end()
+    events = _read_events(tmp_path / "run").Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events] == [1.0, 2.0, 3.0, 40.0, 50.0, 60.0]
