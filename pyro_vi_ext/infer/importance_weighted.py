@@ -147,6 +147,12 @@ class ImportanceWeightedELBO(BoundELBO):
             return Bound.ciwae(self.ciwae_beta)
         return Bound.iwae()
 
+    def is_linear_in_log_weights(self) -> bool:
+        """Return whether every bound has one particle (PIWAE: all ``M K`` particles)."""
+        if self.variant == "piwae":
+            return self.num_outer * self.num_particles == 1
+        return self.num_particles == 1
+
     def reported_value(self, log_weights: torch.Tensor) -> torch.Tensor:
         r"""Return the value per point: :math:`\mathrm{IWAE}_{MK}` for PIWAE, else the bound."""
         if self.variant == "piwae":

@@ -327,7 +327,6 @@ def test_global_latent_with_subsampling_raises_naming_the_site():
         ({"num_particles": 2.5}, "num_particles must be a positive int"),
         ({"num_outer": 0}, "num_outer must be a positive int"),
         ({"ciwae_beta": 1.5}, "ciwae_beta must lie in"),
-        ({"vectorize_particles": False}, "vectorize_particles=True"),
         ({"max_plate_nesting": -1}, "max_plate_nesting"),
     ],
 )
