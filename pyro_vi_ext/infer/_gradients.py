@@ -132,9 +132,7 @@ def leave_one_out_signals(
         return site_log_weights
     value = bound.value(log_weights)  # [M, P]
     others = log_weights.unsqueeze(-1) - site_log_weights  # O: [M, K, P, E]
-    mean_of_rest = (site_log_weights.sum(1, keepdim=True) - site_log_weights) / (
-        num_particles - 1
-    )
+    mean_of_rest = (site_log_weights.sum(1, keepdim=True) - site_log_weights) / (num_particles - 1)
     replaced = log_weights[:, None, :, :, None].repeat(1, num_particles, 1, 1, elements)
     index = torch.arange(num_particles, device=log_weights.device)
     replaced[:, index, index] = others + mean_of_rest  # [M, k, K, P, E]
