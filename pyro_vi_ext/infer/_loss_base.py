@@ -224,14 +224,24 @@ class BoundELBO(ParticleELBO):
             return -value
 
         guide_objective = bound.value(log_weights)  # [M, P]
+        linear = self.is_linear_in_log_weights()
         for site_score in weights.site_scores:
             shape = (num_outer, num_particles, *site_score.log_q.shape[1:])
-            guide_objective = guide_objective + score_function_surrogate(
-                bound,
-                log_weights,
-                site_score.log_q.reshape(shape),
-                site_score.log_weights.reshape(shape),
-            )
+            log_q = site_score.log_q.reshape(shape)
+            if linear:
+                # the ELBO: each plate element's signal keeps only its own (and unrelated) terms,
+                # exactly Trace_ELBO's sum_to; the direct d(-log q)/dphi of a non-reparameterized
+                # site has mean zero and is dropped, as Trace_ELBO does
+                guide_objective = guide_objective + score_function_surrogate(
+                    bound, log_weights, log_q, site_score.log_weights.reshape(shape)
+                )
+                guide_objective = guide_objective + log_q.sum(-1).mean(1)
+            else:
+                # K > 1: per-point VIMCO (the direct term belongs to its gradient); per element
+                # leave-one-out baselines were measured to raise the variance for K >= 4
+                guide_objective = guide_objective + score_function_surrogate(
+                    bound, log_weights, log_q.sum(-1)
+                )
         if aliases is not None:
             aliases.reweight(bound, log_weights, weights.per_point_to_run_site)
         guide_surrogate = weights.scale * guide_objective.mean(0).sum()
