@@ -240,11 +240,18 @@ class ParticleWeights:
         shape = [1] * nesting
         for plate in self.point_plates:
             shape[nesting + plate.dim] = plate.size
-        return per_point[run].reshape(shape + [1] * site["fn"].event_dim)
+        event_dim = site["fn"].event_dim
+        batch_dims = site["value"].dim() - event_dim
+        while len(shape) > batch_dims and shape and shape[0] == 1:
+            shape.pop(0)  # a value with fewer batch dims than the nesting: do not add dims
+        return per_point[run].reshape(shape + [1] * event_dim)
 
 
-class ParticleVectorizationError(RuntimeError):
-    """A model or guide failed under the vectorized particle plate (it does not broadcast)."""
+class ParticleVectorizationError(RuntimeError, ValueError):
+    """A model or guide failed under the vectorized particle plate (it does not broadcast).
+
+    A ``RuntimeError`` (torch's shape errors) and a ``ValueError`` (Pyro's plate shape mismatch).
+    """
 
 
 def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -825,6 +832,13 @@ def _vectorization_error(
     )
 
 
+def _is_shape_error(error: Exception) -> bool:
+    """Torch's runtime errors, and Pyro's shape mismatch against the particle plate."""
+    if isinstance(error, RuntimeError):
+        return True
+    return f"plate('{PARTICLE_PLATE}')" in str(error)
+
+
 def _subsample_sites(*traces: poutine.Trace) -> poutine.Trace:
     """A replay trace holding only the plates' subsample index sites of ``traces``."""
     replay = poutine.Trace()
@@ -887,15 +901,17 @@ def _run_once(
     try:
         with tracker:
             guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-    except RuntimeError as error:
-        if vectorized is None:
+    except (RuntimeError, ValueError) as error:
+        if vectorized is None or not _is_shape_error(error):
             raise
         raise _vectorization_error(error, "guide", tracker, *vectorized) from error
     aliases: dict[str, torch.Tensor] = {}
     source = guide_trace
     if latent_hook is not None:
         aliases = {
-            name: latent_hook(name, site["value"]) for name, site in latent_sites(guide_trace)
+            name: latent_hook(name, site["value"])
+            for name, site in latent_sites(guide_trace)
+            if not isinstance(site["fn"], _Subsample)
         }
         source = _replay_trace(guide_trace, aliases)
     source = _merge_replay(source, model_replay)
@@ -905,8 +921,8 @@ def _run_once(
             model_trace = poutine.trace(poutine.replay(enumerating_model, trace=source)).get_trace(
                 *args, **kwargs
             )
-    except RuntimeError as error:
-        if vectorized is None:
+    except (RuntimeError, ValueError) as error:
+        if vectorized is None or not _is_shape_error(error):
             raise
         raise _vectorization_error(error, "model", tracker, *vectorized) from error
     return model_trace, guide_trace, aliases
