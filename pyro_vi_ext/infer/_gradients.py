@@ -147,8 +147,11 @@ def score_function_surrogate(
     score: torch.Tensor,
     site_log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""Return the score-function surrogate :math:`\sum_{k,e} \mathrm{sg}(s_{k,e}) \log
-    q(z_{k,e})`, ``[M, P]``.
+    r"""Return the score-function surrogate, ``[M, P]``.
+
+    .. math::
+
+        \sum_{k,e} \mathrm{sg}(s_{k,e}) \log q(z_{k,e}).
 
     ``s`` are the signals of :func:`leave_one_out_signals`; ``score`` holds the log-density of
     one guide site without ``rsample`` (or their sum), with its gradient.

@@ -698,7 +698,7 @@ def _enumerated_sites(trace: poutine.Trace) -> list[tuple[str, dict]]:
 def _model_terms(
     trace: poutine.Trace, scale_of: Callable[[dict], float | torch.Tensor | None]
 ) -> list[_Term]:
-    """The model's log-density terms, enumerated sites summed out by tensor contraction.
+    """Return the model's log-density terms, enumerated sites summed out by tensor contraction.
 
     ``scale_of(site)`` is the factor a site's log-density is multiplied by (``None``: none).
     """
@@ -840,7 +840,7 @@ def _is_shape_error(error: Exception) -> bool:
 
 
 def _subsample_sites(*traces: poutine.Trace) -> poutine.Trace:
-    """A replay trace holding only the plates' subsample index sites of ``traces``."""
+    """Return a replay trace holding only the plates' subsample index sites of ``traces``."""
     replay = poutine.Trace()
     for trace in traces:
         for name, site in trace.nodes.items():
