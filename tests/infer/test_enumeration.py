@@ -32,6 +32,7 @@ def _data():
 
 @config_enumerate
 def gmm_model(x):
+    """Gaussian mixture: continuous z_n, enumerated assignment c_n, observed x_n."""
     locs = pyro.param("locs", LOCS.clone())
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -40,6 +41,7 @@ def gmm_model(x):
 
 
 def gmm_guide(x):
+    """Guide for the mixture: a Normal per data point for z_n only."""
     loc = pyro.param("q_loc", torch.zeros(x.shape[0]))
     scale = pyro.param(
         "q_scale", torch.full((x.shape[0],), 0.8), constraint=dist.constraints.positive
@@ -59,6 +61,7 @@ def brute_force_log_joint(x, z):
 
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_enumerated_site_is_summed_out_exactly(vectorize):
+    """Check: enumerated site is summed out exactly."""
     x = _data()
     weights = trace_particles(
         gmm_model, gmm_guide, (x,), {}, num_particles=5, plate_nesting=1, vectorize=vectorize
@@ -72,6 +75,7 @@ def test_enumerated_site_is_summed_out_exactly(vectorize):
 
 
 def test_iw_bound_matches_brute_force_summation_on_the_same_draws():
+    """Check: iw bound matches brute force summation on the same draws."""
     x = _data()
     k = 7
     loss = ImportanceWeightedELBO(num_particles=k, max_plate_nesting=1)
@@ -87,6 +91,7 @@ def test_iw_bound_matches_brute_force_summation_on_the_same_draws():
 
 @pytest.mark.parametrize("cls", [ImportanceWeightedELBO, RenyiAlphaELBO])
 def test_k1_equals_trace_enum_elbo_value_and_gradient(cls):
+    """Check: k1 equals trace enum elbo value and gradient."""
     x = _data()
     pyro.set_rng_seed(0)
     TraceEnum_ELBO(max_plate_nesting=1).loss(gmm_model, gmm_guide, x)
@@ -104,6 +109,7 @@ def test_k1_equals_trace_enum_elbo_value_and_gradient(cls):
 
 
 def test_gmm_trains_with_svi():
+    """Check: gmm trains with svi."""
     x = _data()
     loss = ImportanceWeightedELBO(num_particles=5, max_plate_nesting=1, estimator="dreg")
     svi = pyro.infer.SVI(gmm_model, gmm_guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def plate_model():
+    """Pyro's test_plate model: global nuisance sites around a plate of two."""
     data_plate = pyro.plate("data", len(DATA))
     pyro.sample("nuisance_a", NonReparamNormal(0.0, 1.0))
     with data_plate:
@@ -34,6 +35,7 @@ def plate_model():
 
 
 def plate_guide():
+    """Pyro's test_plate guide (sites without rsample)."""
     loc = pyro.param("loc", torch.zeros(len(DATA)))
     scale = pyro.param("scale", torch.tensor([1.0]))
     pyro.sample("nuisance_c", NonReparamNormal(4.0, 5.0))
@@ -57,6 +59,7 @@ def test_pyro_test_plate_nonreparam_loc_gradient(cls):
 
 
 def test_one_particle_gradient_equals_trace_elbo_on_the_same_draws():
+    """Check: one particle gradient equals trace elbo on the same draws."""
     pyro.set_rng_seed(0)
     Trace_ELBO().loss(plate_model, plate_guide)
     params = [pyro.param("loc").unconstrained(), pyro.param("scale").unconstrained()]
@@ -106,10 +109,13 @@ class _WholeTraceSignals(ImportanceWeightedELBO):
 
 
 def test_rao_blackwellization_is_unbiased_and_reduces_variance():
-    """One particle per bound: the mean loc gradient is the ELBO's closed form within SE, and the
+    """Check: rao blackwellization is unbiased and reduces variance.
+
+    One particle per bound: the mean loc gradient is the ELBO's closed form within SE, and the
     per-element signal (Trace_ELBO's sum_to) has a smaller variance than the whole-trace signal
     on the same model. (For K > 1 the loss uses per-point VIMCO: per-element leave-one-out
-    baselines were measured to raise the variance there, 2.7x at K = 16.)"""
+    baselines were measured to raise the variance there, 2.7x at K = 16.)
+    """
     pyro.set_rng_seed(1)
     loss = ImportanceWeightedELBO(num_particles=1, num_outer=2000, max_plate_nesting=1)
     loss.loss(plate_model, plate_guide)

@@ -37,9 +37,11 @@ class NoiseBankNormal(dist.Normal):
 
     @property
     def has_rsample(self):
+        """Return whether draws carry a gradient."""
         return self.reparameterized
 
     def expand(self, batch_shape, _instance=None):
+        """Return the distribution expanded to ``batch_shape`` (noise too)."""
         shape = torch.Size(batch_shape)
         return NoiseBankNormal(
             self.loc.expand(shape),
@@ -49,9 +51,11 @@ class NoiseBankNormal(dist.Normal):
         )
 
     def rsample(self, sample_shape=()):
+        """Return ``loc + scale * noise``."""
         return self.loc + self.scale * self.noise
 
     def sample(self, sample_shape=()):
+        """Return the draw without gradient."""
         return self.rsample(sample_shape).detach()
 
 
@@ -62,6 +66,7 @@ class NoiseBank:
         self.noise, self.vectorized, self.calls = noise, vectorized, 0
 
     def next(self) -> torch.Tensor:
+        """Return all rows (vectorized) or the next row (loop)."""
         if self.vectorized:
             return self.noise
         row = self.noise[self.calls % self.noise.shape[0]]
@@ -70,6 +75,8 @@ class NoiseBank:
 
 
 def make_model():
+    """Return the toy model with a learned prior mean ``mu``."""
+
     def model(x, idx, bank, reparameterized=True):
         mu = pyro.param("mu", MU.clone())
         with pyro.plate("data", N, subsample=idx):
@@ -80,6 +87,7 @@ def make_model():
 
 
 def guide(x, idx, bank, reparameterized=True):
+    """Guide drawing z from the noise bank (row k for particle k)."""
     a = pyro.param("A", torch.full((D,), 0.8))
     b = pyro.param("b", torch.zeros(D))
     s = pyro.param("s", torch.full((D,), 0.9), constraint=constraints.positive)
@@ -115,6 +123,7 @@ LOSSES = [
 @pytest.mark.parametrize("subsample", [False, True], ids=["full", "minibatch"])
 @pytest.mark.parametrize("cls, kwargs", LOSSES, ids=lambda v: str(v))
 def test_sequential_equals_vectorized_on_the_same_draws(cls, kwargs, subsample):
+    """Check: sequential equals vectorized on the same draws."""
     x_all = _data()
     idx = torch.tensor([1, 4, 6]) if subsample else torch.arange(N)
     x = x_all[idx]
@@ -132,6 +141,7 @@ def test_sequential_equals_vectorized_on_the_same_draws(cls, kwargs, subsample):
 
 
 def test_sequential_score_function_gradient_equals_vectorized():
+    """Check: sequential score function gradient equals vectorized."""
     x = _data()
     idx = torch.arange(N)
     noise = torch.randn(4, N, D, generator=torch.Generator().manual_seed(2))
@@ -148,6 +158,7 @@ def test_sequential_score_function_gradient_equals_vectorized():
 
 
 def test_sequential_particles_share_one_minibatch():
+    """Check: sequential particles share one minibatch."""
     seen = []
     x = _data()
 
@@ -203,6 +214,7 @@ class BayesianRegression(PyroModule):
         self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([out_features]).to_event(1))
 
     def forward(self, x, y=None):
+        """Run the model or guide."""
         sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
         mean = self.linear(x).squeeze(-1)
         with pyro.plate("data", x.shape[0]):
@@ -218,6 +230,7 @@ def _regression_data():
 
 
 def test_bayesian_regression_tutorial_at_k1_equals_trace_elbo():
+    """Check: bayesian regression tutorial at k1 equals trace elbo."""
     x, y = _regression_data()
     model = BayesianRegression(3, 1)
     auto_guide = AutoDiagonalNormal(model)
@@ -236,6 +249,7 @@ def test_bayesian_regression_tutorial_at_k1_equals_trace_elbo():
 
 
 def test_bayesian_regression_vectorized_error_names_the_site_and_sequential_trains():
+    """Check: bayesian regression vectorized error names the site and sequential trains."""
     x, y = _regression_data()
     model = BayesianRegression(3, 1)
     auto_guide = AutoDiagonalNormal(model)
@@ -252,6 +266,7 @@ def test_bayesian_regression_vectorized_error_names_the_site_and_sequential_trai
 
 
 def test_k1_adds_no_particle_plate():
+    """Check: k1 adds no particle plate."""
     shapes = []
 
     def model():
@@ -267,6 +282,7 @@ def test_k1_adds_no_particle_plate():
 
 
 def test_trace_particles_sequential_layout_matches_vectorized():
+    """Check: trace particles sequential layout matches vectorized."""
     x = _data()
     idx = torch.arange(N)
     noise = torch.randn(5, N, D, generator=torch.Generator().manual_seed(5))

@@ -44,18 +44,21 @@ def _positive(name, shape, value=0.8):
 
 # -- the models ---------------------------------------------------------------------------------
 def local_model(idx=None):
+    """Local latents in a (possibly subsampled) data plate."""
     with pyro.plate("data", 6, subsample=idx) as i:
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=X[i])
 
 
 def local_guide(idx=None):
+    """Mean-field guide for the local model."""
     loc = pyro.param("loc", torch.zeros(6, 2))
     with pyro.plate("data", 6, subsample=idx) as i:
         pyro.sample("z", dist.Normal(loc[i], _positive("s", (2,))).to_event(1))
 
 
 def global_local_model(idx=None):
+    """Sample a global latent and local latents in a data plate."""
     g = pyro.sample("g", dist.Normal(0.0, 1.0))
     with pyro.plate("data", 6, subsample=idx) as i:
         z = pyro.sample("z", dist.Normal(g, 1.0))
@@ -63,6 +66,7 @@ def global_local_model(idx=None):
 
 
 def global_local_guide(idx=None):
+    """Guide for the global and local latents."""
     pyro.sample("g", dist.Normal(pyro.param("g_loc", torch.tensor(0.1)), _positive("g_s", ())))
     loc = pyro.param("loc", torch.zeros(6))
     with pyro.plate("data", 6, subsample=idx) as i:
@@ -70,6 +74,7 @@ def global_local_guide(idx=None):
 
 
 def nested_model():
+    """Per-row latents and per-cell latents in nested plates."""
     with pyro.plate("rows", 3, dim=-2):
         r = pyro.sample("r", dist.Normal(0.0, 1.0))
         with pyro.plate("cols", 2, dim=-1):
@@ -78,6 +83,7 @@ def nested_model():
 
 
 def nested_guide():
+    """Guide for the nested-plate model."""
     with pyro.plate("rows", 3, dim=-2):
         pyro.sample("r", dist.Normal(pyro.param("r_loc", torch.zeros(3, 1)), 0.8))
         with pyro.plate("cols", 2, dim=-1):
@@ -85,12 +91,14 @@ def nested_guide():
 
 
 def sequential_model(batch=None):
+    """Latents in a sequential (Python loop) plate."""
     for i in pyro.plate("data", 4, subsample=batch):
         z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
         pyro.sample(f"y_{i}", dist.Normal(z, 1.0), obs=Y[i])
 
 
 def sequential_guide(batch=None):
+    """Guide for the sequential-plate model."""
     loc = pyro.param("loc", torch.zeros(4))
     for i in pyro.plate("data", 4, subsample=batch):
         pyro.sample(f"z_{i}", dist.Normal(loc[i], 0.8))
@@ -100,6 +108,7 @@ MASK = torch.tensor([True, False, True, True, False, True])
 
 
 def masked_model():
+    """Observations partly masked out with poutine.mask."""
     with pyro.plate("data", 6):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         with poutine.mask(mask=MASK):
@@ -107,11 +116,13 @@ def masked_model():
 
 
 def masked_guide():
+    """Guide for the masked model."""
     with pyro.plate("data", 6):
         pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(6)), 0.7))
 
 
 def scaled_model():
+    """Put a poutine.scale on the latent sites only (KL annealing)."""
     with pyro.plate("data", 6):
         with poutine.scale(scale=0.3):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -119,11 +130,14 @@ def scaled_model():
 
 
 def scaled_guide():
+    """Guide with the same scale on its latent."""
     with pyro.plate("data", 6), poutine.scale(scale=0.3):
         pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(6)), 0.7))
 
 
 def uniformly_scaled(fn):
+    """Return ``fn`` under a poutine.scale of 0.25 on every site."""
+
     def wrapped(*args, **kwargs):
         with poutine.scale(scale=0.25):
             return fn(*args, **kwargs)
@@ -132,6 +146,7 @@ def uniformly_scaled(fn):
 
 
 def nonreparam_model():
+    """Global and local latents without rsample."""
     g = pyro.sample("g", NonReparamNormal(0.0, 1.0))
     with pyro.plate("data", 6):
         z = pyro.sample("z", NonReparamNormal(g, 1.0))
@@ -139,13 +154,14 @@ def nonreparam_model():
 
 
 def nonreparam_guide():
+    """Guide whose sites have no rsample (score-function terms)."""
     pyro.sample("g", NonReparamNormal(pyro.param("g_loc", torch.tensor(0.2)), 0.9))
     with pyro.plate("data", 6):
         pyro.sample("z", NonReparamNormal(pyro.param("loc", torch.zeros(6)), 0.7))
 
 
 def extra_dims_model():
-    """A parameter ``loc`` of shape [3] (not a plate dim) observed inside a plate of 2 at -2."""
+    """Observe ``z + loc``, ``loc`` of shape [3] (not a plate dim), inside a plate of 2 at -2."""
     loc = pyro.param("m_loc", torch.tensor([0.5, -0.5, 1.0]))
     with pyro.plate("pairs", 2, dim=-2):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -153,25 +169,31 @@ def extra_dims_model():
 
 
 def extra_dims_guide():
+    """Guide for the extra-batch-dims model."""
     with pyro.plate("pairs", 2, dim=-2):
         pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(2, 1)), 0.8))
 
 
 def batch_left_of_plates_model():
-    """Batch dims left of max_plate_nesting that are not plates (Pyro allows and sums them): a
-    latent of batch shape [3, 2] in a plate of 2."""
+    """Batch left of plates model.
+
+    Batch dims left of max_plate_nesting that are not plates (Pyro allows and sums them): a
+    latent of batch shape [3, 2] in a plate of 2.
+    """
     with pyro.plate("data", 2):
         z = pyro.sample("z", dist.Normal(torch.zeros(3, 2), 1.0))
         pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor([0.3, -0.2]))
 
 
 def batch_left_of_plates_guide():
+    """Guide with the same batch shape [3, 2]."""
     with pyro.plate("data", 2):
         pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(3, 2)), 0.8))
 
 
 @config_enumerate
 def mixture_model():
+    """Gaussian mixture with an enumerated assignment."""
     locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
     with pyro.plate("data", 6):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -180,6 +202,7 @@ def mixture_model():
 
 
 def mixture_guide():
+    """Continuous guide for the mixture."""
     with pyro.plate("data", 6):
         pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(6)), 0.7))
 
@@ -190,6 +213,8 @@ REGRESSION_GUIDE = AutoDiagonalNormal(REGRESSION)
 
 @dataclass(frozen=True)
 class Case:
+    """A model/guide pair with what the suite expects from it."""
+
     name: str
     model: Callable
     guide: Callable
@@ -269,6 +294,7 @@ def _init(case: Case):
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_one_particle_equals_the_reference_elbo(case, loss_name):
+    """Check: one particle equals the reference elbo."""
     if loss_name in PATH_GRADIENT_ONLY and not _reparameterized(case):
         pytest.skip("STL/DReG refuse guide sites without rsample (tested elsewhere)")
     params = _init(case)
@@ -293,6 +319,7 @@ def test_one_particle_equals_the_reference_elbo(case, loss_name):
 @pytest.mark.parametrize("loss_name", ["iw-iwae", "iw-dreg", "iw-ciwae", "renyi-iwae"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_many_particles_bound_is_at_least_the_elbo_or_a_clear_error(case, loss_name, vectorize):
+    """Check: many particles bound is at least the elbo or a clear error."""
     if loss_name == "iw-dreg" and not _reparameterized(case):
         pytest.skip("DReG refuses guide sites without rsample (tested elsewhere)")
     _init(case)
@@ -343,6 +370,7 @@ class _ReplayParticles:
     ids=lambda c: c.name,
 )
 def test_sequential_and_vectorized_agree_on_replayed_draws(case):
+    """Check: sequential and vectorized agree on replayed draws."""
     _init(case)
     k = 4
     with torch.no_grad():
