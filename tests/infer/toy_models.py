@@ -53,7 +53,7 @@ def toy_guide_params(dim: int, mu: torch.Tensor, exact: bool):
 
 
 def make_toy_guide(init):
-    """Return the guide ``q(z_n | x_n) = N(A x_n + b, s^2)`` with ``pyro.param`` sites A, b and s."""
+    """Return the guide ``q(z_n | x_n) = N(A x_n + b, s^2)`` with ``pyro.param`` sites A, b, s."""
     a0, b0, s0 = init
 
     def guide(x, mu, batch_size=None, scale=1.0):
