@@ -145,7 +145,8 @@ class ParticleWeights:
         ``log_q`` is computed with detached guide parameters when asked for (STL, DReG).
         Enumerated model sites are summed out of ``log_p``.
     score:
-        ``[S, P]`` sum of log q over guide sites without ``rsample`` (with gradient), or ``None``.
+        ``[S, P]`` sum of log q over guide sites without ``rsample`` (with gradient; mask applied,
+        no scale, as Pyro's ``score_function``), or ``None``.
     scale:
         Multiplier applied after the per-point reduction: the subsampling factor of the point plates
         times the uniform user scale.
