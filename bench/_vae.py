@@ -23,8 +23,11 @@ X_DIM, H_DIM, Z_DIM = 784, 400, 20
 
 
 def binary_data(num: int, seed: int = 0, num_prototypes: int = 10, flip: float = 0.1):
-    """``[num, 784]`` float 0/1 images: one of ``num_prototypes`` random prototypes per row, each
-    pixel flipped with probability ``flip``."""
+    """Return ``[num, 784]`` float 0/1 images, procedural.
+
+    One of ``num_prototypes`` random prototypes per row, each pixel flipped with probability
+    ``flip``.
+    """
     generator = torch.Generator().manual_seed(seed)
     prototypes = (torch.rand(num_prototypes, X_DIM, generator=generator) < 0.3).float()
     labels = torch.randint(num_prototypes, (num,), generator=generator)

@@ -1,5 +1,6 @@
-"""Benchmark of :class:`pyro_vi_ext.ImportanceWeightedELBO` on an MLP VAE (784-400-20, batch 128,
-Bernoulli likelihood, procedural binary data).
+"""Benchmark of :class:`pyro_vi_ext.ImportanceWeightedELBO` on an MLP VAE.
+
+The VAE is 784-400-20 with batch 128, a Bernoulli likelihood and procedural binary data.
 
 1. Correctness check: on the same random numbers our loss and gradients equal the hand-written
    PyTorch IWAE / STL / DReG losses (``bench/_vae.py``).
@@ -34,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's package, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
@@ -126,9 +129,12 @@ def time_steps(step: Callable[[int], None], start: int, count: int) -> float:
 def speed_table(
     x_batches, steps: int, rounds: int, warmup: int, ks=KS, estimators=ESTIMATORS
 ) -> list[str]:
-    """ms per step per method (median over rounds) and ratios to hand-written: the median over
-    rounds of the per-round ratio (each round runs every method back to back, so a ratio compares
-    runs made under the same machine load); ``lo-hi`` is the range of ours/hand over rounds."""
+    """Return table lines: ms per step per method (median over rounds), ratios to hand-written.
+
+    A ratio is the median over rounds of the per-round ratio (each round runs every method back
+    to back, so a ratio compares runs made under the same machine load); ``lo-hi`` is the range
+    of ours/hand over rounds.
+    """
     lines = [
         f"{'estimator':>9} {'K':>3} | {'hand ms':>8} {'ours ms':>8} {'ours/hand':>9} "
         f"{'(lo-hi)':>11} | {'SVI ms':>8} {'SVI/hand':>8} | {'Renyi ms':>8} {'Renyi/hand':>10}"
@@ -169,7 +175,7 @@ def speed_table(
 
 # ------------------------------------------------------------------------------ correctness check
 def check_against_handwritten(x: torch.Tensor, k: int = 5) -> list[str]:
-    """Same seed: value and every gradient of ours equal the hand-written loss."""
+    """Check that on the same seed value and every gradient of ours equal the hand-written loss."""
     lines = []
     for estimator in ESTIMATORS:
         pyro.clear_param_store()
@@ -209,6 +215,7 @@ def _snr(grads: torch.Tensor) -> float:
 
 
 def snr_table(x_train, x_fixed, train_steps: int, replicates: int) -> list[str]:
+    """Return table lines: guide-gradient SNR per estimator and K on a briefly trained VAE."""
     # a briefly trained VAE, shared by every row
     pyro.clear_param_store()
     encoder, decoder = make_networks()
@@ -257,6 +264,7 @@ def snr_table(x_train, x_fixed, train_steps: int, replicates: int) -> list[str]:
 
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
+    """Parse the command line, run the checks and tables, print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")

@@ -43,10 +43,14 @@ class ParticleELBO(ELBO):
         The model's plate nesting, without the particle plate; guessed by one extra run of model
         and guide when omitted.
     vectorize_particles : bool
-        Accepted for Pyro compatibility; the subclass decides what it supports.
+        Draw the particles on one vectorized plate (True) or in a loop; subclasses that cannot
+        loop (:attr:`supports_sequential_particles` False) refuse False.
     retain_graph : bool or None
         Passed to ``backward`` in :meth:`loss_and_grads`.
     """
+
+    #: whether ``vectorize_particles=False`` (a loop over particles) is supported
+    supports_sequential_particles = False
 
     def __new__(cls, *args, **kwargs):
         _validation.check_constructor_arguments(cls, args, kwargs)
@@ -68,7 +72,7 @@ class ParticleELBO(ELBO):
     ):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
-        if not vectorize_particles:
+        if not vectorize_particles and not self.supports_sequential_particles:
             raise ValueError(
                 f"{type(self).__name__} needs vectorize_particles=True: its per-data-point "
                 "reductions pair particles drawn for the same minibatch, which a Python loop over "
@@ -87,7 +91,7 @@ class ParticleELBO(ELBO):
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=float("inf"),
-            vectorize_particles=True,
+            vectorize_particles=bool(vectorize_particles),
             retain_graph=retain_graph,
         )
         # the model's own nesting, without the particle plate (guessed on first use when None)
@@ -122,13 +126,8 @@ class ParticleELBO(ELBO):
         """Accumulate the estimator's gradients into the parameters and return the loss value."""
         _validation.check_elbo_instance(self, "loss_and_grads")
         value = self.differentiable_loss(model, guide, *args, **kwargs)
-        if value.requires_grad:
+        if value.requires_grad:  # as Trace_ELBO: silently nothing to do without parameters
             value.backward(retain_graph=self.retain_graph)
-        else:
-            warnings.warn(
-                "The loss does not depend on any trainable parameter; no gradient was computed.",
-                stacklevel=2,
-            )
         return _checked_float(value)
 
 
@@ -154,6 +153,7 @@ class BoundELBO(ParticleELBO):
 
     #: key of the objective's value in :attr:`last_terms`
     bound_term = "bound"
+    supports_sequential_particles = True
 
     def __init__(
         self,
@@ -179,6 +179,15 @@ class BoundELBO(ParticleELBO):
     def bound(self) -> Bound:
         """Return the bound optimized (subclasses)."""
         raise NotImplementedError
+
+    def is_linear_in_log_weights(self) -> bool:
+        """Return whether value and surrogate only average log-weights (one particle per bound).
+
+        Then the loss is an ELBO, unbiased under any subsampling, and the refusals that protect
+        ``K > 1`` bounds (latents outside a subsampled plate, subsampled sequential plates) are
+        lifted.
+        """
+        return self.num_particles == 1
 
     def reported_value(self, log_weights: torch.Tensor) -> torch.Tensor:
         """Return the value per point ``[P]`` reported and returned (default: the bound's mean)."""
@@ -208,16 +217,20 @@ class BoundELBO(ParticleELBO):
         detach = needs_detached_guide(self.estimator)
         grad_enabled = torch.is_grad_enabled()
         aliases = DregAliases() if self.estimator == "dreg" and grad_enabled else None
+        total = num_outer * num_particles
         weights = trace_particles(
             model,
             guide,
             args,
             kwargs,
-            num_particles=num_outer * num_particles,
+            num_particles=total,
             plate_nesting=nesting,
             detach_guide_parameters=detach,
             latent_hook=aliases,
             require_rsample=self.estimator if detach else None,
+            # one particle needs no particle plate (as Trace_ELBO): the model need not broadcast
+            vectorize=self.vectorize_particles and total > 1,
+            linear_in_log_weights=self.is_linear_in_log_weights(),
         )
         log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
         value = weights.scale * self.reported_value(log_weights).sum()
@@ -226,17 +239,26 @@ class BoundELBO(ParticleELBO):
             return -value
 
         guide_objective = bound.value(log_weights)  # [M, P]
-        if weights.score is not None:
-            score = weights.score.reshape(num_outer, num_particles, -1)
-            guide_objective = guide_objective + score_function_surrogate(bound, log_weights, score)
+        linear = self.is_linear_in_log_weights()
+        for site_score in weights.site_scores:
+            shape = (num_outer, num_particles, *site_score.log_q.shape[1:])
+            log_q = site_score.log_q.reshape(shape)
+            if linear:
+                # the ELBO: each plate element's signal keeps only its own (and unrelated) terms,
+                # exactly Trace_ELBO's sum_to; the direct d(-log q)/dphi of a non-reparameterized
+                # site has mean zero and is dropped, as Trace_ELBO does
+                guide_objective = guide_objective + score_function_surrogate(
+                    bound, log_weights, log_q, site_score.log_weights.reshape(shape)
+                )
+                guide_objective = guide_objective + log_q.sum(-1).mean(1)
+            else:
+                # K > 1: per-point VIMCO (the direct term belongs to its gradient); per element
+                # leave-one-out baselines were measured to raise the variance for K >= 4
+                guide_objective = guide_objective + score_function_surrogate(
+                    bound, log_weights, log_q.sum(-1)
+                )
         if aliases is not None:
-            aliases.reweight(
-                bound,
-                log_weights,
-                lambda factor, name, index: weights.per_point_to_site(
-                    factor, weights.guide_trace.nodes[name]
-                ),
-            )
+            aliases.reweight(bound, log_weights, weights.per_point_to_run_site)
         guide_surrogate = weights.scale * guide_objective.mean(0).sum()
         surrogate = self.combine_surrogates(model, guide, weights, value, guide_surrogate)
         return surrogate_loss(value, surrogate)

@@ -631,12 +631,15 @@ def check_particle_memory(
     >>> check_particle_memory(model, model, (), {}, num_particles=10, plate_nesting=0)
     """
     probe = 2
-    with _side_effect_free():
-        plate = _weights.particle_plate(probe, plate_nesting)
-        guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    try:
+        with _side_effect_free():
+            plate = _weights.particle_plate(probe, plate_nesting)
+            guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    except Exception:  # noqa: BLE001 - e.g. a guide replayed from fixed draws: no estimate
+        return
     per_particle, device = estimate_particle_bytes((model_trace, guide_trace), probe, plate_nesting)
     needed = per_particle * num_particles
     limit = available(device)
@@ -647,8 +650,8 @@ def check_particle_memory(
         f"{num_particles} vectorized particles need at least {_gib(needed)} on {device} (about "
         f"{_gib(per_particle)} per particle, estimated from a two-particle run of the model and "
         f"the guide), but only {_gib(limit)} is available. Use fewer particles per run "
-        f"(at most about {fitting}), split them with num_outer=M (M runs of K/M particles "
-        "averaged), use a smaller batch, or vectorize_particles=False where the loss supports it."
+        f"(at most about {fitting}), use a smaller batch, or vectorize_particles=False (one "
+        "particle at a time)."
     )
 
 
@@ -788,6 +791,7 @@ def explain_trace_error(
     args: tuple,
     kwargs: dict,
     plate_nesting: float,
+    generic: bool = True,
 ) -> Exception | None:
     """Return a clearer error for a failure inside a loss, or ``None`` to keep the original.
 
@@ -809,6 +813,8 @@ def explain_trace_error(
         Their arguments.
     plate_nesting : float
         The nesting the loss used (``inf`` while it was still to be guessed).
+    generic : bool
+        Also explain Pyro's "shape mismatch inside plate" when no specific cause is found.
 
     Returns
     -------
@@ -846,8 +852,9 @@ def explain_trace_error(
             f"{where} has {found}. Pass the same subsample_size (or the same subsample indices) "
             "to the plate in both."
         )
+    explain_plate_shape = _explain_plate_shape if generic else (lambda error, nesting: None)
     if plate_nesting == math.inf:
-        return _explain_plate_shape(error, plate_nesting)
+        return explain_plate_shape(error, plate_nesting)
     try:
         deepest = _deepest_plate(model, guide, args, kwargs)
     except Exception:  # the programs fail on their own: keep the original error
@@ -855,7 +862,7 @@ def explain_trace_error(
     if deepest is not None and -deepest[1] > plate_nesting:
         return ModelGuideMismatchError(_nesting_message(int(plate_nesting), *deepest))
     shapes = _diagnose_shapes(model, guide, args, kwargs, int(plate_nesting))
-    return shapes if shapes is not None else _explain_plate_shape(error, plate_nesting)
+    return shapes if shapes is not None else explain_plate_shape(error, plate_nesting)
 
 
 def guarded_differentiable_loss(method: Callable) -> Callable:
@@ -894,7 +901,10 @@ def guarded_differentiable_loss(method: Callable) -> Callable:
             return method(self, model, guide, *args, **kwargs)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             nesting = getattr(self, "max_plate_nesting", math.inf)
-            explained = explain_trace_error(error, model, guide, args, kwargs, nesting)
+            # a vectorization error already names the site and suggests the sequential path:
+            # replace it only by a specific diagnosis (wrong nesting, mismatched site shapes)
+            generic = not isinstance(error, _weights.ParticleVectorizationError)
+            explained = explain_trace_error(error, model, guide, args, kwargs, nesting, generic)
             if explained is None:
                 raise
             raise explained from error

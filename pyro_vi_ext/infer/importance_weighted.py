@@ -63,10 +63,14 @@ class ImportanceWeightedELBO(BoundELBO):
 
     Validity: the bound is per data point only when every latent lives in the shared data plate(s).
     A model with global latents gets the whole-trace bound when its plates are not subsampled; with
-    subsampling no unbiased bound exists and an error is raised. Particles are vectorized on a plate
-    left of the model's plates, so the model needs static structure and batch-shape correct sites.
-    STL and DReG need every guide site reparameterizable and every guide parameter registered with
-    Pyro (``pyro.param``, ``pyro.module``, ``PyroModule``, or the guide being an ``nn.Module``).
+    subsampling no unbiased bound exists for ``K > 1`` and an error is raised (with one particle the
+    loss is the ELBO, unbiased under any subsampling, and runs as ``Trace_ELBO`` does). For
+    ``K > 1`` particles are vectorized on a plate left of the model's plates (the model must
+    broadcast; a failure names the site) or, with ``vectorize_particles=False``, drawn in a loop
+    that replays one minibatch for all particles. Discrete model sites marked for enumeration are
+    summed out exactly inside ``log p(x, z)``. STL and DReG need every guide site
+    reparameterizable and every guide parameter registered with Pyro (``pyro.param``,
+    ``pyro.module``, ``PyroModule``, or the guide being an ``nn.Module``).
 
     After each call :attr:`last_terms` holds ``iw_bound`` (the objective's value), ``elbo`` (the
     mean single-sample ELBO on the same draws) and ``ess`` (effective sample size per point, out of
@@ -88,7 +92,8 @@ class ImportanceWeightedELBO(BoundELBO):
         The model's plate nesting, without the particle plate; guessed by one extra run of model
         and guide when omitted.
     vectorize_particles : bool
-        Must be True (particles are always vectorized).
+        Draw the particles on a vectorized plate (default) or in a loop (False: for models that do
+        not broadcast; same values on the same draws). One particle never adds a plate.
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
 
@@ -146,6 +151,12 @@ class ImportanceWeightedELBO(BoundELBO):
         if self.variant == "ciwae":
             return Bound.ciwae(self.ciwae_beta)
         return Bound.iwae()
+
+    def is_linear_in_log_weights(self) -> bool:
+        """Return whether every bound has one particle (PIWAE: all ``M K`` particles)."""
+        if self.variant == "piwae":
+            return self.num_outer * self.num_particles == 1
+        return self.num_particles == 1
 
     def reported_value(self, log_weights: torch.Tensor) -> torch.Tensor:
         r"""Return the value per point: :math:`\mathrm{IWAE}_{MK}` for PIWAE, else the bound."""

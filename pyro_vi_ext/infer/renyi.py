@@ -76,7 +76,7 @@ class RenyiAlphaELBO(BoundELBO):
     max_plate_nesting : int or None
         The model's plate nesting without the particle plate; guessed when omitted.
     vectorize_particles : bool
-        Must be True.
+        Draw the particles on a vectorized plate (default) or in a loop (False).
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
 

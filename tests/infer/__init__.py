@@ -1,0 +1,1 @@
+"""Tests of the inference core (bounds, gradient estimators, losses)."""

@@ -49,6 +49,7 @@ def _assert_same_value_and_grad(ours, naive, lw):
 
 
 def test_log_mean_exp_is_the_naive_formula_and_stable():
+    """Check: log mean exp is the naive formula and stable."""
     lw = _log_weights()
     _assert_same_value_and_grad(log_mean_exp, lambda v: torch.log(v.exp().mean(1)), lw)
     # stable where exp over- or underflows
@@ -58,6 +59,7 @@ def test_log_mean_exp_is_the_naive_formula_and_stable():
 
 
 def test_elbo_iwae_miwae_ciwae_are_their_formulas():
+    """Check: elbo iwae miwae ciwae are their formulas."""
     lw = _log_weights()
     _assert_same_value_and_grad(elbo_bound, lambda v: v.mean(1), lw)
     _assert_same_value_and_grad(iwae_bound, lambda v: torch.log(v.exp().mean(1)), lw)
@@ -73,12 +75,14 @@ def test_elbo_iwae_miwae_ciwae_are_their_formulas():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9, 2.5])
 def test_renyi_bound_is_its_formula(alpha):
+    """Check: renyi bound is its formula."""
     _assert_same_value_and_grad(
         lambda v: renyi_bound(v, alpha), lambda v: _naive_renyi(v, alpha), _log_weights()
     )
 
 
 def test_renyi_bound_special_cases_and_monotonicity():
+    """Check: renyi bound special cases and monotonicity."""
     lw = _log_weights()
     torch.testing.assert_close(renyi_bound(lw, 0.0), iwae_bound(lw))
     torch.testing.assert_close(renyi_bound(lw, 1.0), elbo_bound(lw))
@@ -94,6 +98,7 @@ def test_renyi_bound_special_cases_and_monotonicity():
 
 
 def test_normalized_weights_and_effective_sample_size():
+    """Check: normalized weights and effective sample size."""
     lw = _log_weights()
     weights = lw.exp()
     torch.testing.assert_close(normalized_weights(lw), weights / weights.sum(1, keepdim=True))
@@ -125,6 +130,7 @@ def _autograd_first_and_second(bound: Bound, lw: torch.Tensor):
     ids=lambda b: f"{b.name}-{b.alpha}-{b.elbo_weight}",
 )
 def test_bound_coefficients_are_its_first_and_second_derivatives(bound):
+    """Check: bound coefficients are its first and second derivatives."""
     lw = _log_weights(outer=2, particles=4, points=3, seed=1)
     first, second = _autograd_first_and_second(bound, lw)
     torch.testing.assert_close(bound.particle_weights(lw), first)
@@ -132,6 +138,7 @@ def test_bound_coefficients_are_its_first_and_second_derivatives(bound):
 
 
 def test_iwae_path_weight_is_the_squared_normalized_weight():
+    """Check: iwae path weight is the squared normalized weight."""
     lw = _log_weights()
     torch.testing.assert_close(Bound.iwae().path_weights(lw), normalized_weights(lw) ** 2)
     torch.testing.assert_close(

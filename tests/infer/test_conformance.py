@@ -37,6 +37,7 @@ SETTINGS = {
 
 
 def exported_losses():
+    """Return one pytest param per exported loss class and constructor setting."""
     classes = [
         getattr(pyro_vi_ext, name)
         for name in pyro_vi_ext.__all__
@@ -51,6 +52,7 @@ def exported_losses():
 
 
 def test_every_exported_loss_has_settings():
+    """Check: every exported loss has settings."""
     names = {
         name
         for name in pyro_vi_ext.__all__
@@ -61,6 +63,7 @@ def test_every_exported_loss_has_settings():
 
 
 def model(x, *, idx=None, n_data=None):
+    """Toy model: linear decoder param, latent z and observed x in a data plate."""
     decoder = pyro.param("decoder", torch.eye(D) * 0.8)
     with pyro.plate("data", N if n_data is None else n_data, subsample=idx):
         z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
@@ -68,6 +71,7 @@ def model(x, *, idx=None, n_data=None):
 
 
 def guide(x, *, idx=None, n_data=None):
+    """Toy guide: amortized Normal for z."""
     weight = pyro.param("weight", torch.full((D, D), 0.1) + 0.3 * torch.eye(D))
     bias = pyro.param("bias", torch.zeros(D))
     scale = pyro.param("scale", torch.full((D,), 0.8), constraint=dist.constraints.positive)
@@ -77,6 +81,7 @@ def guide(x, *, idx=None, n_data=None):
 
 @pytest.fixture
 def data():
+    """Return a fixed dataset for the conformance model."""
     return torch.randn(N, D) * 1.5
 
 
@@ -88,6 +93,7 @@ def _grads(names):
 @pytest.mark.parametrize("cls, kwargs", exported_losses())
 @pytest.mark.parametrize("subsample", [False, True], ids=["full", "minibatch"])
 def test_loss_methods_agree(cls, kwargs, subsample, data):
+    """Check: loss methods agree."""
     idx = torch.tensor([1, 4, 6, 7, 10]) if subsample else None
     x = data[idx] if subsample else data
     loss = cls(**kwargs)
@@ -116,6 +122,7 @@ def test_loss_methods_agree(cls, kwargs, subsample, data):
 
 @pytest.mark.parametrize("cls, kwargs", exported_losses())
 def test_svi_and_elbo_module(cls, kwargs, data):
+    """Check: svi and elbo module."""
     loss = cls(**kwargs)
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
     values = [svi.step(data) for _ in range(3)]

@@ -30,6 +30,7 @@ def _log_weights(outer=2, particles=4, points=3, seed=0):
 
 
 def test_surrogate_loss_has_the_value_of_one_and_the_gradient_of_the_other():
+    """Check: surrogate loss has the value of one and the gradient of the other."""
     theta = torch.tensor(2.0, requires_grad=True)
     loss = surrogate_loss(theta**2, 3.0 * theta)
     (grad,) = torch.autograd.grad(loss, theta)
@@ -37,6 +38,7 @@ def test_surrogate_loss_has_the_value_of_one_and_the_gradient_of_the_other():
 
 
 def test_estimator_names():
+    """Check: estimator names."""
     check_estimator("dreg")
     with pytest.raises(ValueError, match="estimator must be one of"):
         check_estimator("reinforce")
@@ -45,22 +47,54 @@ def test_estimator_names():
 
 @pytest.mark.parametrize("bound", BOUNDS, ids=IDS)
 def test_leave_one_out_signals_equal_a_loop(bound):
+    """Check: leave one out signals equal a loop.
+
+    Without plate elements (E = 1) the signal is VIMCO's: particle k replaced by the others'
+    mean; with one particle it is the log-weight itself.
+    """
     lw = _log_weights()
     signals = leave_one_out_signals(bound, lw)
+    assert signals.shape == (*lw.shape, 1)
     value = bound.value(lw)
     for k in range(lw.shape[1]):
         replaced = lw.clone()
         others = torch.cat([lw[:, :k], lw[:, k + 1 :]], 1)
         replaced[:, k] = others.mean(1)
-        torch.testing.assert_close(signals[:, k], value - bound.value(replaced))
+        torch.testing.assert_close(signals[:, k, :, 0], value - bound.value(replaced))
     single = _log_weights(particles=1)
-    torch.testing.assert_close(leave_one_out_signals(bound, single)[:, 0], bound.value(single))
+    torch.testing.assert_close(leave_one_out_signals(bound, single)[..., 0], single)
+
+
+@pytest.mark.parametrize("bound", BOUNDS, ids=IDS)
+def test_rao_blackwellized_signals_equal_a_loop(bound):
+    """Check: rao blackwellized signals equal a loop.
+
+    Per plate element e: particle k's log-weight becomes O_ke + mean_{j != k} R_je with
+    O = log w - R; with one particle the signal is R (Trace_ELBO's sum_to).
+    """
+    outer, particles, points, elements = 2, 4, 3, 5
+    generator = torch.Generator().manual_seed(7)
+    site_lw = torch.randn(outer, particles, points, elements, generator=generator).double()
+    rest = torch.randn(outer, particles, points, generator=generator).double()
+    lw = rest + site_lw.sum(-1)  # R_e = rest + element e's own terms, as sum_to would give
+    site_r = rest.unsqueeze(-1) + site_lw
+    signals = leave_one_out_signals(bound, lw, site_r)
+    value = bound.value(lw)
+    for k in range(particles):
+        for e in range(elements):
+            replaced = lw.clone()
+            other_r = torch.cat([site_r[:, :k, :, e], site_r[:, k + 1 :, :, e]], 1).mean(1)
+            replaced[:, k] = lw[:, k] - site_r[:, k, :, e] + other_r
+            torch.testing.assert_close(signals[:, k, :, e], value - bound.value(replaced))
+    one = leave_one_out_signals(bound, lw[:, :1], site_r[:, :1])
+    torch.testing.assert_close(one, site_r[:, :1])
 
 
 @pytest.mark.parametrize("bound", BOUNDS, ids=IDS)
 def test_score_function_surrogate_gradient_is_the_signal(bound):
+    """Check: score function surrogate gradient is the signal."""
     lw = _log_weights().requires_grad_()
-    score = torch.zeros_like(lw, requires_grad=True)
+    score = torch.zeros(*lw.shape, 1, dtype=lw.dtype, requires_grad=True)
     surrogate = score_function_surrogate(bound, lw, score)
     grad_score, grad_lw = torch.autograd.grad(surrogate.sum(), [score, lw], allow_unused=True)
     torch.testing.assert_close(grad_score, leave_one_out_signals(bound, lw))
@@ -104,12 +138,14 @@ def test_dreg_hooks_give_the_path_weighted_gradient(bound):
 
 
 def test_dreg_aliases_leave_tensors_without_graph_alone():
+    """Check: dreg aliases leave tensors without graph alone."""
     aliases = DregAliases()
     plain = torch.ones(3)
     assert aliases("c", plain) is plain and aliases.aliases == {}
 
 
 def test_split_surrogate_routes_each_objective_to_its_parameters():
+    """Check: split surrogate routes each objective to its parameters."""
     theta = torch.tensor(1.5, requires_grad=True)
     phi = torch.tensor(-0.5, requires_grad=True)
     model_objective = theta**2 * phi
@@ -121,6 +157,7 @@ def test_split_surrogate_routes_each_objective_to_its_parameters():
 
 
 def test_trace_parameters_finds_param_sites_and_module_parameters():
+    """Check: trace parameters finds param sites and module parameters."""
     layer = torch.nn.Linear(2, 1)
 
     def guide():

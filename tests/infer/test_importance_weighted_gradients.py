@@ -49,6 +49,7 @@ normal = torch.distributions.Normal
 
 @pytest.fixture
 def x():
+    """Return the toy data set."""
     return toy_data(N, D, MU)
 
 
@@ -56,11 +57,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def learned_mu_model(x, mu, batch_size=None):
-    """The toy model with ``mu`` a model parameter (so that model gradients exist)."""
+    """Run the toy model with ``mu`` a model parameter (so that model gradients exist)."""
     toy_model(x, pyro.param("mu", mu.clone()), batch_size)
 
 
 def param_grads(names) -> dict[str, torch.Tensor]:
+    """Return the gradients of the named params (zeros where none)."""
     store = pyro.get_param_store()
     out = {}
     for name in names:
@@ -70,18 +72,20 @@ def param_grads(names) -> dict[str, torch.Tensor]:
 
 
 def zero_grads():
+    """Reset the gradient of every param in the store."""
     for _, param in pyro.get_param_store().named_parameters():
         param.grad = None
 
 
 def unconstrained(names) -> list[torch.Tensor]:
+    """Return the unconstrained leaves of the named params."""
     store = pyro.get_param_store()
     return [store.get_param(name).unconstrained() for name in names]
 
 
 # -- hand-written estimators on the same random numbers -------------------------------------------
 def handwritten_toy_grads(x, idx, mu, a, b, log_s, eps, num_outer, k, estimator, variant, beta):
-    """The estimators written directly in torch, as surrogates, without hooks.
+    """Compute the estimators directly in torch, as surrogates, without hooks.
 
     Guide gradient weights per particle on ``d log w_k / d z_k dz_k/dphi`` (plus, for "iwae", the
     score term through log q's parameters):
@@ -123,6 +127,7 @@ def handwritten_toy_grads(x, idx, mu, a, b, log_s, eps, num_outer, k, estimator,
 def test_gradients_equal_handwritten_estimators_on_the_same_draws(
     x, estimator, variant, batch_size
 ):
+    """Check: gradients equal handwritten estimators on the same draws."""
     init = toy_guide_params(D, MU, exact=False)
     guide = make_toy_guide(init)
     num_outer, k, beta = 2, 5, 0.3
@@ -185,6 +190,7 @@ def test_piwae_splits_model_and_guide_gradients(x, estimator):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_loss_loss_and_grads_and_differentiable_loss_agree(x, estimator, variant, batch_size):
+    """Check: loss loss and grads and differentiable loss agree."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ImportanceWeightedELBO(
         num_particles=4, num_outer=2, estimator=estimator, variant=variant
@@ -215,6 +221,7 @@ def test_loss_loss_and_grads_and_differentiable_loss_agree(x, estimator, variant
 # -- exact posterior: STL and DReG have zero guide gradient ----------------------------------------
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_exact_posterior_guide_gradient_is_zero_for_stl_and_dreg(x, k):
+    """Check: exact posterior guide gradient is zero for stl and dreg."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=True))
     sizes = {}
     for estimator in ESTIMATORS:
@@ -238,8 +245,11 @@ def _grad_mean_se(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     "estimator, batch_size", [("iwae", None), ("stl", None), ("dreg", None), ("iwae", 5)]
 )
 def test_k1_expected_gradient_is_the_closed_form_elbo_gradient(x, estimator, batch_size):
-    """With K=1 every estimator is unbiased for the ELBO's gradient in (A, b, log s), also under
-    subsampling (the minibatch gradient is scaled by N / B)."""
+    """Check: k1 expected gradient is the closed form elbo gradient.
+
+    With K=1 every estimator is unbiased for the ELBO's gradient in (A, b, log s), also under
+    subsampling (the minibatch gradient is scaled by N / B).
+    """
     init = toy_guide_params(D, MU, exact=False)
     guide = make_toy_guide(init)
     leaves = [init[0].clone().requires_grad_(), init[1].clone().requires_grad_()]
@@ -268,12 +278,15 @@ R_POST = R_X / 2  # mu = 0
 
 
 def replicated_model(x):
+    """Toy model with a data plate of identical rows (one replicate per row)."""
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(torch.zeros(R_D), 1.0).to_event(1))
         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
 
 def make_replicated_guide(loc_offset=0.5, scale=0.9, distribution=dist.Normal):
+    """Return a guide with per-row loc and scale params."""
+
     def guide(x):
         r = x.shape[0]
         loc = pyro.param("loc", (R_POST + loc_offset).expand(r, R_D).clone())
@@ -317,9 +330,12 @@ def test_dreg_and_iwae_gradients_have_the_same_expectation(k, variant):
 
 
 def test_stl_is_biased_for_k_above_one():
-    """Documented bias (Tucker et al. 2018): as K grows the IWAE bound's gradient vanishes (DReG
+    """Check: stl is biased for k above one.
+
+    Documented bias (Tucker et al. 2018): as K grows the IWAE bound's gradient vanishes (DReG
     tends to 0), while STL's loc gradient tends to E_posterior[d(-log q)/dz] = (loc - m*) / s^2,
-    here 0.5 / 0.81."""
+    here 0.5 / 0.81.
+    """
     replicates, k = 2000, 200
     pyro.set_rng_seed(0)
     stl_loc, _ = replicated_grads("stl", k, replicates)
@@ -338,8 +354,11 @@ def _snr(grads: torch.Tensor) -> float:
 
 
 def test_guide_gradient_snr_rises_with_k_for_dreg_and_falls_for_iwae():
-    """Rainforth et al. 2018: the IWAE guide-gradient SNR falls like K^{-1/2}; Tucker et al. 2018:
-    DReG's rises like K^{1/2}. loc gradient of a wrong guide, 2000 replicates per K."""
+    """Check: guide gradient snr rises with k for dreg and falls for iwae.
+
+    Rainforth et al. 2018: the IWAE guide-gradient SNR falls like K^{-1/2}; Tucker et al. 2018:
+    DReG's rises like K^{1/2}. loc gradient of a wrong guide, 2000 replicates per K.
+    """
     replicates = 2000
     pyro.set_rng_seed(0)
     snr = {
@@ -355,8 +374,11 @@ def test_guide_gradient_snr_rises_with_k_for_dreg_and_falls_for_iwae():
 
 @pytest.mark.slow
 def test_guide_gradient_snr_rates_in_k():
-    """Slow version: log-log slopes of SNR in K between K=10 and K=1000 near -1/2 (IWAE) and +1/2
-    (DReG), from 20000 replicates."""
+    """Check: guide gradient snr rates in k.
+
+    Slow version: log-log slopes of SNR in K between K=10 and K=1000 near -1/2 (IWAE) and +1/2
+    (DReG), from 20000 replicates.
+    """
     replicates = 20000
     pyro.set_rng_seed(0)
     ks = (10, 100, 1000)
@@ -377,6 +399,7 @@ def test_guide_gradient_snr_rates_in_k():
 # -- guide sites without rsample --------------------------------------------------------------
 @pytest.mark.parametrize("estimator", ["stl", "dreg"])
 def test_stl_and_dreg_reject_a_site_without_rsample(estimator):
+    """Check: stl and dreg reject a site without rsample."""
     x = R_X.expand(5, R_D)
     loss = ImportanceWeightedELBO(num_particles=3, estimator=estimator)
     guide = make_replicated_guide(distribution=NonReparamNormal)
@@ -388,8 +411,11 @@ def test_stl_and_dreg_reject_a_site_without_rsample(estimator):
 
 
 def test_score_function_gradient_matches_the_reparameterized_one():
-    """A Normal guide without rsample gets a score-function gradient whose expectation is the
-    reparameterized IWAE gradient's (both unbiased for the same bound's gradient)."""
+    """Check: score function gradient matches the reparameterized one.
+
+    A Normal guide without rsample gets a score-function gradient whose expectation is the
+    reparameterized IWAE gradient's (both unbiased for the same bound's gradient).
+    """
     replicates, k = 6000, 3
     pyro.set_rng_seed(0)
     reparam = replicated_grads("iwae", k, replicates, guide=make_replicated_guide(1.0, 0.6))
@@ -404,9 +430,12 @@ def test_score_function_gradient_matches_the_reparameterized_one():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("k", [1, 3])
 def test_bernoulli_latent_gradient_is_unbiased_against_enumeration(k, variant):
-    """Discrete latent: the IWAE bound and its gradient are computed exactly by enumerating all
+    """Check: bernoulli latent gradient is unbiased against enumeration.
+
+    Discrete latent: the IWAE bound and its gradient are computed exactly by enumerating all
     2^K particle tuples; our score-function (VIMCO) gradient is unbiased for it (per-point logits,
-    identical data: independent replicates)."""
+    identical data: independent replicates).
+    """
     replicates = 4000
     x_value, logit = 0.4, -2.5
     x = torch.full((replicates,), x_value)
@@ -451,8 +480,11 @@ def test_bernoulli_latent_gradient_is_unbiased_against_enumeration(k, variant):
 
 
 def test_pyro_renyi_elbo_gives_a_non_reparameterized_site_zero_gradient():
-    """Documents Pyro's defect: RenyiELBO(alpha=0) drops the score-function term of a guide site
-    without rsample, so its parameters get exactly zero gradient (ours does not: previous test)."""
+    """Check: pyro renyi elbo gives a non reparameterized site zero gradient.
+
+    Documents Pyro's defect: RenyiELBO(alpha=0) drops the score-function term of a guide site
+    without rsample, so its parameters get exactly zero gradient (ours does not: previous test).
+    """
     replicates = 50
     x = torch.full((replicates,), 0.4)
     guide = make_bernoulli_guide(torch.full((replicates,), -0.3))
@@ -467,6 +499,7 @@ def test_pyro_renyi_elbo_gives_a_non_reparameterized_site_zero_gradient():
 
 # -- a two-level guide: the path derivative runs through z1 into z2 --------------------------------
 def hierarchical_model(x):
+    """Two-level model: a group latent and per-point latents."""
     with pyro.plate("data", x.shape[0]):
         z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
         z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
@@ -474,6 +507,7 @@ def hierarchical_model(x):
 
 
 def hierarchical_guide(x):
+    """Guide for the two-level model."""
     a = pyro.param("a", torch.tensor(0.3))
     s1 = pyro.param("s1", torch.tensor(0.7), constraint=constraints.positive)
     c = pyro.param("c", torch.tensor(0.4))
@@ -486,6 +520,7 @@ def hierarchical_guide(x):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_two_level_guide_gradients_equal_handwritten_on_the_same_draws(estimator):
+    """Check: two level guide gradients equal handwritten on the same draws."""
     x = torch.tensor([0.5, -1.0, 2.0, 0.1])
     k = 6
     loss = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=1)
@@ -524,8 +559,11 @@ def test_two_level_guide_gradients_equal_handwritten_on_the_same_draws(estimator
 
 
 def test_stl_rejects_a_guide_tensor_not_registered_with_pyro():
-    """A trainable tensor the guide closes over cannot be detached: clear error, not a silent
-    score term left in the STL/DReG gradient."""
+    """Check: stl rejects a guide tensor not registered with pyro.
+
+    A trainable tensor the guide closes over cannot be detached: clear error, not a silent
+    score term left in the STL/DReG gradient.
+    """
     hidden = torch.tensor(0.3, requires_grad=True)
 
     def guide(x):

@@ -1,5 +1,8 @@
-"""ImportanceWeightedELBO with Pyro's machinery: SVI, autoguides, PyroModules, ``pyro.module``'d
-``nn.Module`` encoders, and ``ELBOModule`` trained by a plain ``torch.optim.Adam``."""
+"""ImportanceWeightedELBO with Pyro's machinery.
+
+SVI, autoguides, PyroModules, ``pyro.module``'d ``nn.Module`` encoders, and ``ELBOModule`` trained
+by a plain ``torch.optim.Adam``.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ normal = torch.distributions.Normal
 
 @pytest.fixture
 def x():
+    """Return the toy data set."""
     return toy_data(N, D, MU)
 
 
@@ -48,7 +52,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _evaluate(model, guide, *args, k=5, num_outer=200) -> float:
-    """A precise estimate of the negative IWAE_K bound (a loss value, lower is better)."""
+    """Return a precise estimate of the negative IWAE_K bound (a loss value, lower is better)."""
     with torch.no_grad():
         return ImportanceWeightedELBO(num_particles=k, num_outer=num_outer).loss(
             model, guide, *args
@@ -62,6 +66,7 @@ def _grad_size(parameters) -> float:
 # -- SVI ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_svi_training_reduces_the_loss_and_finds_the_posterior(x, estimator):
+    """Check: svi training reduces the loss and finds the posterior."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ImportanceWeightedELBO(num_particles=5, estimator=estimator)
     svi = SVI(toy_model, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
@@ -81,8 +86,11 @@ def test_svi_training_reduces_the_loss_and_finds_the_posterior(x, estimator):
 # -- autoguides ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_auto_normal_local_latents_get_the_per_point_bound(x, estimator):
-    """AutoNormal keeps z in the data plate: the bound is per point. Same draws as a torch
-    computation (the auxiliary z_unconstrained site is q's density; the Delta adds nothing)."""
+    """Check: auto normal local latents get the per point bound.
+
+    AutoNormal keeps z in the data plate: the bound is per point. Same draws as a torch
+    computation (the auxiliary z_unconstrained site is q's density; the Delta adds nothing).
+    """
     loc = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
     guide = AutoNormal(toy_model, init_loc_fn=init_to_value(values={"z": loc}), init_scale=0.8)
     loss = ImportanceWeightedELBO(
@@ -100,6 +108,7 @@ def test_auto_normal_local_latents_get_the_per_point_bound(x, estimator):
 
 @pytest.mark.parametrize("estimator", ["stl", "dreg"])
 def test_auto_normal_exact_posterior_has_zero_stl_and_dreg_gradient(x, estimator):
+    """Check: auto normal exact posterior has zero stl and dreg gradient."""
     exact_loc = (x + MU) / 2
     guide = AutoNormal(
         toy_model, init_loc_fn=init_to_value(values={"z": exact_loc}), init_scale=EXACT_S
@@ -116,6 +125,7 @@ def test_auto_normal_exact_posterior_has_zero_stl_and_dreg_gradient(x, estimator
 
 
 def test_auto_normal_with_subsampling_trains(x):
+    """Check: auto normal with subsampling trains."""
     guide = AutoNormal(toy_model)
     loss = ImportanceWeightedELBO(num_particles=5, estimator="dreg")
     svi = SVI(toy_model, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
@@ -129,8 +139,11 @@ def test_auto_normal_with_subsampling_trains(x):
 
 
 def test_auto_diagonal_normal_gets_the_whole_trace_bound(x):
-    """One global latent vector: no plate is shared by every site, so the bound is taken over the
-    whole trace (a log-mean-exp of sums over the data), checked on the same draws."""
+    """Check: auto diagonal normal gets the whole trace bound.
+
+    One global latent vector: no plate is shared by every site, so the bound is taken over the
+    whole trace (a log-mean-exp of sums over the data), checked on the same draws.
+    """
     loc = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
     guide = AutoDiagonalNormal(
         toy_model, init_loc_fn=init_to_value(values={"z": loc}), init_scale=0.3
@@ -162,6 +175,7 @@ def test_auto_diagonal_normal_gets_the_whole_trace_bound(x):
     ],
 )
 def test_global_autoguides_train_with_svi(x, auto_guide, estimator):
+    """Check: global autoguides train with svi."""
     guide = auto_guide(toy_model)
     loss = ImportanceWeightedELBO(num_particles=5, estimator=estimator)
     # lr 0.02: with lr 0.1 a 30x30 scale_tril trained by STL/DReG diverges (so does a hand-written
@@ -176,6 +190,7 @@ def test_global_autoguides_train_with_svi(x, auto_guide, estimator):
 
 @pytest.mark.parametrize("auto_guide", [AutoDiagonalNormal, AutoMultivariateNormal])
 def test_global_autoguide_with_subsampling_raises_naming_the_site(x, auto_guide):
+    """Check: global autoguide with subsampling raises naming the site."""
     guide = auto_guide(toy_model)
     name = f"_{auto_guide.__name__}_latent"
     loss = ImportanceWeightedELBO(num_particles=3)
@@ -193,7 +208,7 @@ def _exact_linear_encoder() -> nn.Linear:
 
 
 def make_module_guide(encoder: nn.Module, scale: float = EXACT_S):
-    """A function guide with an ``nn.Module`` encoder registered by ``pyro.module``."""
+    """Return a function guide with an ``nn.Module`` encoder registered by ``pyro.module``."""
 
     def guide(x, mu, batch_size=None):
         pyro.module("encoder", encoder)
@@ -207,9 +222,12 @@ def make_module_guide(encoder: nn.Module, scale: float = EXACT_S):
 @pytest.mark.parametrize("batch_size", [None, 4])
 @pytest.mark.parametrize("k", [1, 5, 50])
 def test_pyro_module_encoder_exact_posterior_zero_gradient(x, k, batch_size):
-    """Amortized linear encoder at the exact posterior (A = I/2, bias mu/2): STL and DReG leave the
+    """Check: pyro module encoder exact posterior zero gradient.
+
+    Amortized linear encoder at the exact posterior (A = I/2, bias mu/2): STL and DReG leave the
     encoder and the scale with zero gradient, which needs the module's parameters detached inside
-    log q; the IWAE estimator's gradient is nonzero. Parameters are restored afterwards."""
+    log q; the IWAE estimator's gradient is nonzero. Parameters are restored afterwards.
+    """
     encoder = _exact_linear_encoder()
     guide = make_module_guide(encoder)
     weight = encoder.weight
@@ -238,6 +256,7 @@ class AmortizedGuide(nn.Module):
         self.log_scale = nn.Parameter(torch.full((D,), math.log(scale)))
 
     def forward(self, x, batch_size=None):
+        """Run the model or guide."""
         with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
             pyro.sample("z", dist.Normal(self.encoder(x[idx]), self.log_scale.exp()).to_event(1))
 
@@ -250,6 +269,7 @@ class ToyModel(PyroModule):
         self.mu = PyroParam(mu.clone())
 
     def forward(self, x, batch_size=None):
+        """Run the model or guide."""
         toy_model(x, self.mu, batch_size)
 
 
@@ -265,6 +285,7 @@ class PyroGuide(PyroModule):
         self.scale = PyroParam(torch.full((D,), scale), constraint=constraints.positive)
 
     def forward(self, x, batch_size=None):
+        """Run the model or guide."""
         with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
             pyro.sample("z", dist.Normal(self.encoder(x[idx]), self.scale).to_event(1))
 
@@ -272,6 +293,7 @@ class PyroGuide(PyroModule):
 @pytest.mark.parametrize("guide_kind", ["nn.Module", "PyroModule"])
 @pytest.mark.parametrize("estimator", ["stl", "dreg"])
 def test_elbo_module_exact_posterior_zero_guide_gradient(x, guide_kind, estimator):
+    """Check: elbo module exact posterior zero guide gradient."""
     model = ToyModel(MU)
     guide = AmortizedGuide(_exact_linear_encoder()) if guide_kind == "nn.Module" else PyroGuide()
     elbo_module = ImportanceWeightedELBO(num_particles=8, estimator=estimator)(model, guide)
@@ -288,6 +310,7 @@ def test_elbo_module_exact_posterior_zero_guide_gradient(x, guide_kind, estimato
     "guide_kind, estimator", [("nn.Module", "iwae"), ("PyroModule", "stl"), ("PyroModule", "dreg")]
 )
 def test_elbo_module_trains_with_a_plain_torch_optimizer(x, guide_kind, estimator):
+    """Check: elbo module trains with a plain torch optimizer."""
     torch.manual_seed(0)
     model = ToyModel(torch.zeros(D))
     wrong = 1.3

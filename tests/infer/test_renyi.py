@@ -38,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture
 def x():
+    """Return the toy data set."""
     return toy_data(N, D, MU)
 
 
@@ -56,6 +57,7 @@ def _same_draw_log_weights(x, init, num_draws, seed):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 3.0])
 def test_value_equals_torch_on_the_same_draws(x, alpha):
+    """Check: value equals torch on the same draws."""
     init = toy_guide_params(D, MU, exact=False)
     k, outer = 6, 2
     loss = RenyiAlphaELBO(num_particles=k, alpha=alpha, num_outer=outer, max_plate_nesting=1)
@@ -71,6 +73,7 @@ def test_value_equals_torch_on_the_same_draws(x, alpha):
 
 
 def test_alpha_zero_is_iwae_alpha_one_is_the_elbo_and_the_bound_falls_with_alpha(x):
+    """Check: alpha zero is iwae alpha one is the elbo and the bound falls with alpha."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     k = 8
 
@@ -97,6 +100,7 @@ def test_alpha_zero_is_iwae_alpha_one_is_the_elbo_and_the_bound_falls_with_alpha
 @pytest.mark.parametrize("k", [1, 4, 20])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 def test_exact_posterior_gives_log_evidence_for_every_alpha_and_k(x, alpha, k):
+    """Check: exact posterior gives log evidence for every alpha and k."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=True))
     loss = RenyiAlphaELBO(num_particles=k, alpha=alpha, num_outer=2)
     value = loss.loss(toy_model, guide, x, MU)
@@ -106,6 +110,7 @@ def test_exact_posterior_gives_log_evidence_for_every_alpha_and_k(x, alpha, k):
 @pytest.mark.parametrize("k", [1, 5])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
 def test_exact_posterior_stl_and_dreg_guide_gradients_vanish(x, alpha, k):
+    """Check: exact posterior stl and dreg guide gradients vanish."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=True))
     for estimator in ("stl", "dreg"):
         pyro.clear_param_store()
@@ -135,6 +140,7 @@ def _full_data_expected_bound(x, init, num_draws=4000):
 
 
 def test_minibatch_mean_equals_the_full_data_bound_and_pyro_renyi_misses():
+    """Check: minibatch mean equals the full data bound and pyro renyi misses."""
     x = toy_data(SUB_N, SUB_D, SUB_MU, seed=1)
     init = toy_guide_params(SUB_D, SUB_MU, exact=False)
     guide = make_toy_guide(init)
@@ -177,8 +183,11 @@ def _assert_same_mean(a, b, n_se=4.0):
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_dreg_has_the_expectation_of_the_reparameterized_gradient(alpha):
-    """The derived DReG coefficients alpha v + (1 - alpha) v^2 keep the gradient unbiased; with
-    per-point guide parameters and identical data each point is one independent replicate."""
+    """Check: dreg has the expectation of the reparameterized gradient.
+
+    The derived DReG coefficients alpha v + (1 - alpha) v^2 keep the gradient unbiased; with
+    per-point guide parameters and identical data each point is one independent replicate.
+    """
     replicates, k = 4000, 5
     pyro.set_rng_seed(0)
     plain_loc, plain_scale = _replicated_grads("iwae", k, alpha, replicates)
@@ -215,6 +224,7 @@ def test_iwae_dreg_coefficients_would_be_biased_for_the_renyi_bound():
 
 
 def test_stl_is_biased_but_dreg_is_not_for_alpha_between_zero_and_one():
+    """Check: stl is biased but dreg is not for alpha between zero and one."""
     replicates, k, alpha = 4000, 5, 0.5
     pyro.set_rng_seed(1)
     plain_loc, plain_scale = _replicated_grads("iwae", k, alpha, replicates)
@@ -224,12 +234,14 @@ def test_stl_is_biased_but_dreg_is_not_for_alpha_between_zero_and_one():
 
 
 def test_invalid_alpha_raises():
+    """Check: invalid alpha raises."""
     for alpha in (-0.5, float("nan"), float("inf"), "0.5"):
         with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
             RenyiAlphaELBO(alpha=alpha)
 
 
 def test_svi_training_reaches_the_exact_posterior(x):
+    """Check: svi training reaches the exact posterior."""
     init = toy_guide_params(D, MU, exact=False)
     guide = make_toy_guide(init)
     loss = RenyiAlphaELBO(num_particles=5, alpha=0.5, estimator="dreg", max_plate_nesting=1)
@@ -242,6 +254,7 @@ def test_svi_training_reaches_the_exact_posterior(x):
 
 
 def test_trains_through_fit_and_elbo_module():
+    """Check: trains through fit and elbo module."""
     from pyro_vi_ext import fit
     from tests.infer.test_conformance import N as FIT_N
     from tests.infer.test_conformance import guide as fit_guide

@@ -38,7 +38,7 @@ def toy_model(x: torch.Tensor, mu: torch.Tensor, batch_size: int | None = None, 
 
 
 def toy_guide_params(dim: int, mu: torch.Tensor, exact: bool):
-    """Initial ``(A, b, s)``: the exact posterior, or a deliberately wrong guide."""
+    """Return initial ``(A, b, s)``: the exact posterior, or a deliberately wrong guide."""
     if exact:
         return (
             torch.full((dim,), EXACT_A),
@@ -53,7 +53,7 @@ def toy_guide_params(dim: int, mu: torch.Tensor, exact: bool):
 
 
 def make_toy_guide(init):
-    """The guide ``q(z_n | x_n) = N(A x_n + b, s^2)`` with ``pyro.param`` sites A, b and s."""
+    """Return the guide ``q(z_n | x_n) = N(A x_n + b, s^2)`` with ``pyro.param`` sites A, b, s."""
     a0, b0, s0 = init
 
     def guide(x, mu, batch_size=None, scale=1.0):
@@ -109,6 +109,8 @@ def global_posterior(x: torch.Tensor) -> tuple[float, float]:
 
 
 def make_global_guide(loc: float, scale: float):
+    """Return a guide ``N(q_loc, q_scale)`` for the global latent."""
+
     def guide(x, batch_size=None):
         q_loc = pyro.param("q_loc", torch.tensor(loc))
         q_scale = pyro.param("q_scale", torch.tensor(scale), constraint=constraints.positive)
