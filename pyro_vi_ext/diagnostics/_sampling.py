@@ -177,7 +177,7 @@ class ProposalCheck:
             if name in self._varied:
                 continue
             value = site["value"].detach()
-            if site["fn"].support.is_discrete and not bool((site_log_prob(site) == 0).all()):
+            if _is_discrete(site) and not bool((site_log_prob(site) == 0).all()):
                 self._varied.add(name)  # a discrete draw of probability < 1: the guide spreads
                 continue
             rows = value.shape[0] if value.dim() and value.shape[0] == weights.num_particles else 1
@@ -207,6 +207,13 @@ class ProposalCheck:
             "errors are reported as NaN, effective sample sizes as 1 and k-hat as inf. Use a "
             "guide with spread (e.g. AutoNormal) to diagnose the model."
         )
+
+
+def _is_discrete(site: dict) -> bool:
+    try:
+        return bool(site["fn"].support.is_discrete)
+    except NotImplementedError:  # a dependent support that cannot tell: treat as continuous
+        return False
 
 
 def _nan_message(weights: ParticleWeights) -> str:
