@@ -25,6 +25,7 @@ from pyro_vi_ext.diagnostics.importance import (
     psis_diagnostic,
     psis_from_log_weights,
 )
+from pyro_vi_ext.diagnostics.loo import loo_from_inference_data, loo_from_log_weights, vi_loo
 from pyro_vi_ext.diagnostics.plots import plot_bound_curve, plot_bound_vs_k, plot_khat
 from pyro_vi_ext.diagnostics.surgery import SURGERY_TERMS, SurgeryResult, elbo_surgery
 
@@ -41,10 +42,13 @@ __all__ = [
     "iw_bound_curve",
     "khat_threshold",
     "log_evidence",
+    "loo_from_inference_data",
+    "loo_from_log_weights",
     "plot_bound_curve",
     "plot_bound_vs_k",
     "plot_khat",
     "psis_diagnostic",
     "psis_from_log_weights",
     "to_inference_data",
+    "vi_loo",
 ]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from pyro.infer import ELBO
 
+from pyro_vi_ext.infer import _validation
 from pyro_vi_ext.infer._bounds import Bound, effective_sample_size, elbo_bound
 from pyro_vi_ext.infer._gradients import (
     DregAliases,
@@ -46,6 +47,17 @@ class ParticleELBO(ELBO):
     retain_graph : bool or None
         Passed to ``backward`` in :meth:`loss_and_grads`.
     """
+
+    def __new__(cls, *args, **kwargs):
+        _validation.check_constructor_arguments(cls, args, kwargs)
+        return super().__new__(cls)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "differentiable_loss" in cls.__dict__:
+            cls.differentiable_loss = _validation.guarded_differentiable_loss(
+                cls.differentiable_loss
+            )
 
     def __init__(
         self,
@@ -83,6 +95,7 @@ class ParticleELBO(ELBO):
             float("inf") if max_plate_nesting is None else int(max_plate_nesting)
         )
         self.last_terms: dict[str, float] = {}
+        self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
 
     def _model_plate_nesting(self, model: Callable, guide: Callable, args, kwargs) -> int:
         if self.max_plate_nesting == float("inf"):
@@ -100,12 +113,14 @@ class ParticleELBO(ELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Return the loss value (negative bound) as a float, computed without building a graph."""
+        _validation.check_elbo_instance(self, "loss")
         with torch.no_grad():
             value = self.differentiable_loss(model, guide, *args, **kwargs)
         return _checked_float(value)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Accumulate the estimator's gradients into the parameters and return the loss value."""
+        _validation.check_elbo_instance(self, "loss_and_grads")
         value = self.differentiable_loss(model, guide, *args, **kwargs)
         if value.requires_grad:
             value.backward(retain_graph=self.retain_graph)

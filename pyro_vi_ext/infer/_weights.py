@@ -35,6 +35,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
+from pyro_vi_ext.infer import _validation
+
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
@@ -444,6 +446,7 @@ def trace_particles(
     full_model_trace = poutine.trace(poutine.replay(wrapped_model, trace=model_source)).get_trace(
         *args, **kwargs
     )
+    _validation.check_model_guide_traces(full_model_trace, full_guide_trace, plate_nesting)
     validate = is_validation_enabled()
     if validate:
         check_model_guide_match(full_model_trace, full_guide_trace, plate_nesting + 1)

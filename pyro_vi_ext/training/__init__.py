@@ -47,17 +47,20 @@ The same script launched with ``torchrun --nproc_per_node=P script.py`` trains d
 
 from .callbacks import Callback, EarlyStopping, EpochInfo, FitInfo, StepInfo
 from .checkpoint import load_checkpoint
+from .loggers import CSVLogger, TensorBoardLogger
 from .plotting import plot_history
 from .result import FitResult
 from .runner import fit
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "EarlyStopping",
     "EpochInfo",
     "FitInfo",
     "FitResult",
     "StepInfo",
+    "TensorBoardLogger",
     "fit",
     "load_checkpoint",
     "plot_history",

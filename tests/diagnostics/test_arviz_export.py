@@ -22,6 +22,7 @@ from pyro_vi_ext.diagnostics import (
     plot_bound_vs_k,
     plot_khat,
     psis_diagnostic,
+    psis_from_log_weights,
     to_inference_data,
 )
 
@@ -34,6 +35,7 @@ def _normal_log_prob(value, loc, scale):
 
 @pytest.fixture(scope="module")
 def regression_idata(regression):
+    """1000 draws of the exact posterior in 2 pseudo-chains, with the loss recorded."""
     pyro.set_rng_seed(0)
     guide = make_exact_guide(regression.x, regression.y)
     loss = ImportanceWeightedELBO(num_particles=8, estimator="dreg")
@@ -43,6 +45,7 @@ def regression_idata(regression):
 
 
 def test_regression_groups_dims_and_coords(regression_idata, regression):
+    """Groups, dims named after plates, no singleton dims, plate coordinates."""
     idata = regression_idata
     assert SAMPLE_GROUPS | {"observed_data"} <= set(idata.groups())
     w = idata.posterior["w"]
@@ -58,6 +61,7 @@ def test_regression_groups_dims_and_coords(regression_idata, regression):
 
 
 def test_regression_values_match_hand_computation(regression_idata, regression):
+    """Log-likelihood, lp and log q equal the closed forms on the exported draws."""
     idata = regression_idata
     w = idata.posterior["w"].values.astype(np.float64)  # [2, 500, 3]
     x, y = regression.x.double().numpy(), regression.y.double().numpy()
@@ -77,6 +81,7 @@ def test_regression_values_match_hand_computation(regression_idata, regression):
 
 
 def test_posterior_predictive_is_paired_with_the_draws(regression_idata, regression):
+    """Predictive minus the draw's mean is unit noise."""
     idata = regression_idata
     w = idata.posterior["w"].values.astype(np.float64)
     mean = np.einsum("cdk,nk->cdn", w, regression.x.double().numpy())
@@ -87,6 +92,7 @@ def test_posterior_predictive_is_paired_with_the_draws(regression_idata, regress
 
 
 def test_regression_attrs(regression_idata):
+    """Loss, estimator and library attributes."""
     for attrs in (regression_idata.attrs, regression_idata.posterior.attrs):
         assert attrs["loss"] == "ImportanceWeightedELBO"
         assert attrs["estimator"] == "dreg"
@@ -97,6 +103,7 @@ def test_regression_attrs(regression_idata):
 
 
 def test_arviz_summary_and_plots(regression_idata):
+    """ArviZ summary and plots run on the export."""
     summary = az.summary(regression_idata)
     assert summary.index.tolist() == ["w[0]", "w[1]", "w[2]"]
     assert np.all(np.abs(summary["r_hat"] - 1.0) < 0.05)  # pseudo-chains of iid draws
@@ -108,6 +115,7 @@ def test_arviz_summary_and_plots(regression_idata):
 
 
 def test_loo_is_finite_with_sensible_parameter_count(regression_idata):
+    """az.loo on exact-posterior draws: finite, p_loo near 3."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "Pareto k too high" warning
         loo = az.loo(regression_idata)
@@ -117,6 +125,7 @@ def test_loo_is_finite_with_sensible_parameter_count(regression_idata):
 
 
 def test_netcdf_round_trip(regression_idata, tmp_path):
+    """A netCDF round trip keeps groups, dims, values and attributes."""
     path = tmp_path / "fit.nc"
     regression_idata.to_netcdf(str(path))
     loaded = az.from_netcdf(str(path))
@@ -133,12 +142,14 @@ def test_netcdf_round_trip(regression_idata, tmp_path):
 
 
 def test_num_chains_must_divide_num_samples(regression):
+    """Pseudo-chains must split the draws evenly."""
     guide = make_exact_guide(regression.x, regression.y)
     with pytest.raises(ValueError, match="multiple of num_chains"):
         to_inference_data(regression.model, guide, *regression.args, num_samples=100, num_chains=3)
 
 
 def test_resampled_regression_export(regression):
+    """Resampled draws correct a shifted guide and stay paired with their rows."""
     q_mean = regression.mean + 0.5 * regression.cov.diagonal().sqrt()
     guide = _gaussian_guide(q_mean, 1.5 * regression.cov)
     idata = to_inference_data(
@@ -173,6 +184,7 @@ def _gaussian_guide(mean, cov):
 
 @pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto:UserWarning")
 def test_local_latent_export(local_toy):
+    """Local latents: dims, deterministic sites and the per-point log-likelihood."""
     idata = to_inference_data(
         local_toy.model, local_toy.guide(scale=1.2), local_toy.x, num_samples=400
     )
@@ -192,6 +204,7 @@ def test_local_latent_export(local_toy):
 
 
 def test_resampled_local_export_keeps_points_paired(local_toy):
+    """Per-point resampling moves latents, log-likelihood and weights together."""
     # every point resamples its own draw; latents, log-likelihood and weights must move together
     guide = local_toy.guide(scale=0.8, shift=0.4)
     idata = to_inference_data(local_toy.model, guide, local_toy.x, num_samples=500, resample=True)
@@ -209,6 +222,7 @@ def test_resampled_local_export_keeps_points_paired(local_toy):
 
 
 def test_subsampled_plate_exports_its_minibatch(local_toy):
+    """One frozen minibatch for the whole export."""
     idata = to_inference_data(
         local_toy.model, local_toy.guide(), local_toy.x, 10, num_samples=200, chunk_size=50
     )
@@ -228,6 +242,7 @@ def test_subsampled_plate_exports_its_minibatch(local_toy):
 
 
 def test_eight_schools_autoguide_export():
+    """An AutoNormal guide with a deterministic site."""
     sigma, y = eight_schools_data()
     model, guide = build_eight_schools(parameterization="noncentered")
     idata = to_inference_data(model, guide, sigma, y, num_samples=200, num_chains=2)
@@ -246,6 +261,8 @@ def test_eight_schools_autoguide_export():
 
 
 def test_site_specific_scale_warns(local_toy):
+    """Site-specific scales warn; a shared scale does not."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=0.5):  # a KL-annealing factor on the latent only
@@ -269,6 +286,7 @@ def test_site_specific_scale_warns(local_toy):
 
 
 def test_plot_khat(local_toy):
+    """k-hat plot, scatter and histogram."""
     result = psis_diagnostic(
         local_toy.model, local_toy.guide(scale=0.6), local_toy.x, num_samples=1000
     )
@@ -283,6 +301,7 @@ def test_plot_khat(local_toy):
 
 
 def test_plot_bound_vs_k(regression):
+    """Bound versus K on a log axis."""
     guide = _gaussian_guide(regression.mean, 0.5 * regression.cov)
     ax = plot_bound_vs_k(regression.model, guide, *regression.args, ks=(1, 4, 16))
     assert ax.get_xscale() == "log"
@@ -290,3 +309,106 @@ def test_plot_bound_vs_k(regression):
     np.testing.assert_array_equal(x_values, [1, 4, 16])
     curve = iw_bound_curve(regression.model, guide, *regression.args, ks=(1, 4, 16))
     assert curve.plot() is not None
+
+
+# -- what the draws are: attributes, r_hat, PSIS ------------------------------------------------
+
+
+def test_vi_exports_say_their_draws_are_independent(regression_idata):
+    """Every export says its draws are independent and how to read r_hat."""
+    from pyro_vi_ext.diagnostics.arviz_export import READING_R_HAT
+
+    for attrs in (regression_idata.attrs, regression_idata.posterior.attrs):
+        assert attrs["creation_library"] == "pyro_vi_ext"
+        assert attrs["sampler"] == "variational guide"
+        assert attrs["draws_are_independent"] == 1
+        assert attrs["r_hat_note"] == READING_R_HAT and "kind='stats'" in READING_R_HAT
+    stats = az.summary(regression_idata, kind="stats")
+    assert "r_hat" not in stats.columns and list(stats.index) == ["w[0]", "w[1]", "w[2]"]
+
+
+def test_psis_attributes_match_the_exported_weights(regression):
+    """psis_khat and psis_ess are those of the exported log weights."""
+    guide = _gaussian_guide(regression.mean, 0.5 * regression.cov)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(regression.model, guide, *regression.args, num_samples=2000)
+    expected = psis_from_log_weights(idata.sample_stats["log_weight"].values.reshape(-1))
+    assert idata.posterior.attrs["psis_khat"] == pytest.approx(float(expected.khat[0]))
+    assert idata.posterior.attrs["psis_ess"] == pytest.approx(float(expected.psis_ess[0]))
+    assert idata.posterior.attrs["psis_ess"] < 0.8 * 2000  # far fewer than the raw count
+
+
+def test_resampled_export_carries_the_proposals_psis_ess(regression):
+    """Resampled exports record the proposals' PSIS ESS; the draws repeat."""
+    guide = _gaussian_guide(regression.mean, 1.5 * regression.cov)
+    pyro.set_rng_seed(0)
+    idata = to_inference_data(
+        regression.model, guide, *regression.args, num_samples=500, resample=True
+    )
+    attrs = idata.posterior.attrs
+    assert attrs["sampler"] == "importance resampling of variational guide draws"
+    assert attrs["num_proposals"] == 2000
+    assert 0 < attrs["psis_ess"] < 2000 and attrs["psis_khat"] < 0.7
+    # repeated draws: fewer distinct values than draws, which ArviZ's ess does not see
+    distinct = len(np.unique(idata.posterior["w"].values[0, :, 0]))
+    assert distinct < 500
+
+
+# -- coords and dims ----------------------------------------------------------------------------
+
+
+def test_user_dims_and_coords_apply_to_every_group(regression):
+    """dims= and coords= reach every group; a renamed plate keeps its indices."""
+    guide = make_exact_guide(regression.x, regression.y)
+    idata = to_inference_data(
+        regression.model,
+        guide,
+        *regression.args,
+        num_samples=20,
+        dims={"w": ["feature"], "y": ["obs"]},
+        coords={"feature": ["a", "b", "c"]},
+    )
+    assert idata.posterior["w"].dims == ("chain", "draw", "feature")
+    assert idata.posterior["feature"].values.tolist() == ["a", "b", "c"]
+    for group in ("log_likelihood", "posterior_predictive"):
+        assert idata[group]["y"].dims == ("chain", "draw", "obs")
+    assert idata.observed_data["y"].dims == ("obs",)
+    # the renamed plate keeps its data indices as coordinates
+    np.testing.assert_array_equal(idata.observed_data["obs"].values, np.arange(50))
+    idata = to_inference_data(
+        regression.model,
+        guide,
+        *regression.args,
+        num_samples=20,
+        coords={"data": np.arange(100, 150)},
+    )
+    for group in ("log_likelihood", "posterior_predictive", "observed_data"):
+        np.testing.assert_array_equal(idata[group]["data"].values, np.arange(100, 150))
+
+
+def test_local_dims_rename_the_pointwise_weights_too(local_toy):
+    """Renaming a plate dim renames it in log_weight_pointwise too."""
+    idata = to_inference_data(
+        local_toy.model,
+        local_toy.guide(),
+        local_toy.x,
+        num_samples=20,
+        dims={"z": ["point", "coordinate"], "x": ["point", "coordinate"]},
+    )
+    assert idata.posterior["z"].dims == ("chain", "draw", "point", "coordinate")
+    assert idata.sample_stats["log_weight_pointwise"].dims == ("chain", "draw", "point")
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "point")
+
+
+def test_bad_dims_and_coords_are_named(regression):
+    """Unknown variables, wrong lengths and unknown dims raise naming them."""
+    guide = make_exact_guide(regression.x, regression.y)
+    args = (regression.model, guide, *regression.args)
+    with pytest.raises(ValueError, match="variable 'v'.*exported variables"):
+        to_inference_data(*args, num_samples=10, dims={"v": ["a"]})
+    with pytest.raises(ValueError, match=r"dims\['w'\] gives 2 names"):
+        to_inference_data(*args, num_samples=10, dims={"w": ["a", "b"]})
+    with pytest.raises(ValueError, match="coords names dim 'school'"):
+        to_inference_data(*args, num_samples=10, coords={"school": range(8)})
+    with pytest.raises(ValueError, match=r"coords\['data'\] has 3 values but dim 'data' has size"):
+        to_inference_data(*args, num_samples=10, coords={"data": [1, 2, 3]})
