@@ -151,9 +151,14 @@ def test_a_point_mass_code_is_named():
         DecomposedELBO(max_plate_nesting=1).loss(model, delta_guide, idx=torch.arange(6))
 
 
-def test_elbo_surgery_reads_an_auto_normal_guide_like_the_hand_built_one():
+@pytest.mark.parametrize("batch_size", [None, 8], ids=["all-at-once", "blocks"])
+def test_elbo_surgery_reads_an_auto_normal_guide_like_the_hand_built_one(batch_size):
+    """In blocks, the surgery sets the plate's indices: AutoNormal follows them through the plates
+    of ``create_plates``."""
     model, init = make_problem()
-    guide = AutoNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.4)
+    guide = AutoNormal(
+        model, init_loc_fn=init_to_value(values=init), init_scale=0.4, create_plates=data_plate
+    )
     guide()
     equivalent = hand_built_guide(
         guide.locs.z.detach(),
@@ -161,10 +166,12 @@ def test_elbo_surgery_reads_an_auto_normal_guide_like_the_hand_built_one():
         guide.locs.s.detach(),
         guide.scales.s.detach(),
     )
+    options = {"num_samples": 2, "batch_size": batch_size, "max_plate_nesting": 1}
     pyro.set_rng_seed(6)
-    ours = elbo_surgery(model, guide, num_samples=2, max_plate_nesting=1)
+    ours = elbo_surgery(model, guide, **options)
     pyro.set_rng_seed(6)
-    theirs = elbo_surgery(model, equivalent, num_samples=2, max_plate_nesting=1)
+    theirs = elbo_surgery(model, equivalent, **options)
     for name in TERM_NAMES:
         assert ours.means[name] == pytest.approx(theirs.means[name], rel=1e-4, abs=1e-4), name
     assert ours.code_sites == ("z", "s")
+    assert ours.means["index_code_mi"] > 0.5
