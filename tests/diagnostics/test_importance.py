@@ -30,7 +30,7 @@ from tests.diagnostics._toys import gaussian_guide
 
 
 def _mean_field(regression, scale_factor: float = 1.0, shift_sd: float = 0.0):
-    """The mean-field optimum (what Trace_ELBO converges to), optionally degraded."""
+    """Return the mean-field optimum (what Trace_ELBO converges to), optionally degraded."""
     loc, scale = mean_field_optimum(regression.x.double(), regression.y.double())
     pyro.param("linear_w_loc", (loc + shift_sd * scale).float())
     pyro.param(

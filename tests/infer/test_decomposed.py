@@ -1,5 +1,7 @@
-"""DecomposedELBO: identity with the ELBO, the minibatch estimators against dense brute force, the
-Pyro contract, schedules, gradients, memory and the errors of every bad input.
+"""Tests of DecomposedELBO: the loss, its terms, the Pyro contract and its errors.
+
+Identity with the ELBO, the minibatch estimators against dense brute force, the Pyro contract,
+schedules, gradients, memory and the errors of every bad input.
 
 The synthetic problem is an amortized guide given as a fixed table of per-point Gaussian
 posteriors ``q(z | x_n) = N(loc_n, diag scale_n^2)`` whose means are correlated across dimensions
@@ -30,8 +32,11 @@ ESTIMATORS = ("mss", "mws")
 
 @pytest.fixture(autouse=True)
 def _single_intra_op_thread():
-    """One intra-op thread: the pairwise kernels run many mid-sized ops, and on a shared 2-core
-    box OpenMP threads waiting on each other slow them down by an order of magnitude."""
+    """Run each test with one intra-op thread.
+
+    The pairwise kernels run many mid-sized ops, and on a shared 2-core box OpenMP threads waiting
+    on each other slow them down by an order of magnitude.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -40,8 +45,11 @@ def _single_intra_op_thread():
 
 # ----------------------------------------------------------------------------------- problems
 def table_problem(n: int, d: int, rho: float = 0.7, scale: float = 0.3, seed: int = 0):
-    """``(loc [n, d], scale [n, d], x [n, d])``: posterior means with correlation ``rho`` between
-    every pair of dimensions, scales in ``scale * [0.5, 1.5)``, data near the means."""
+    """Return ``(loc [n, d], scale [n, d], x [n, d])`` of a table of Gaussian posteriors.
+
+    Posterior means with correlation ``rho`` between every pair of dimensions, scales in
+    ``scale * [0.5, 1.5)``, data near the means.
+    """
     gen = torch.Generator().manual_seed(seed)
     cov = (1 - rho) * torch.eye(d) + rho * torch.ones(d, d)
     loc = torch.randn(n, d, generator=gen) @ torch.linalg.cholesky(cov).T
@@ -75,9 +83,12 @@ def make_table_model(loc, scale, x, capture: list | None = None, learnable: bool
 
 
 def dense_terms(z, loc, scale, n_data: int, estimator: str) -> dict[str, float]:
-    """Brute force of the minibatch decomposition: ``z`` ``[S, B, D]`` drawn for the batch whose
-    posteriors are ``loc``, ``scale`` ``[B, D]``; the full dense ``[S, B, B, D]`` tensor and the
-    dense ``B x B`` weight matrix. Per data point (mean over points and particles)."""
+    """Compute the minibatch decomposition by brute force, per data point.
+
+    ``z`` ``[S, B, D]`` is drawn for the batch whose posteriors are ``loc``, ``scale`` ``[B, D]``;
+    the full dense ``[S, B, B, D]`` tensor and the dense ``B x B`` weight matrix are used. Terms
+    are means over points and particles.
+    """
     num_particles, b, d = z.shape
     pair = torch.distributions.Normal(loc, scale).log_prob(z[:, :, None, :]).double()
     if estimator == "mss":
@@ -184,8 +195,11 @@ def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
 # ------------------------------------------------------------------------ guides and layouts
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_multivariate_normal_guide_uses_exact_marginals(estimator):
-    """A diagonal MultivariateNormal draws the same samples as the factorized Normal and must give
-    the same terms; a full-covariance one matches brute force with Normal(loc, sqrt(Sigma_dd))."""
+    """Check MultivariateNormal codes against the factorized Normal and brute force.
+
+    A diagonal MultivariateNormal draws the same samples as the factorized Normal and must give
+    the same terms; a full-covariance one matches brute force with Normal(loc, sqrt(Sigma_dd)).
+    """
     n, b, d = 60, 10, 3
     loc, scale, x = table_problem(n, d)
     model, guide = make_table_model(loc, scale, x)
@@ -259,8 +273,11 @@ def test_low_rank_multivariate_normal_guide_matches_brute_force():
 
 
 def test_several_code_sites_are_concatenated_in_any_plate_layout():
-    """Two code sites: ``a`` ([D1] event) and ``b`` (univariate, in an inner plate over dims, with
-    the data plate at dim -2 in the model), concatenated into one code of D1 + D2 dims."""
+    """Concatenate two code sites into one code of D1 + D2 dims.
+
+    ``a`` has a [D1] event and ``b`` is univariate, in an inner plate over dims, with the data
+    plate at dim -2 in the model.
+    """
     n, bsz, d1, d2 = 80, 12, 2, 3
     gen = torch.Generator().manual_seed(3)
     loc_a, loc_b = torch.randn(n, d1, generator=gen), torch.randn(n, d2, generator=gen)
@@ -438,8 +455,11 @@ def test_weights_can_be_schedules_of_the_step():
 
 # ----------------------------------------------------------------------------------- gradients
 def _rotation_problem(n: int = 256, seed: int = 0):
-    """Posterior means ``(u1, rho u1 + sqrt(1 - rho^2) u2)`` with ``rho = tanh(theta)``: the
-    aggregate posterior's TC grows with ``|rho|``; ``theta`` is the guide's only parameter."""
+    """Push a correlated guide toward independence through the TC gradient.
+
+    Posterior means ``(u1, rho u1 + sqrt(1 - rho^2) u2)`` with ``rho = tanh(theta)``: the
+    aggregate posterior's TC grows with ``|rho|``; ``theta`` is the guide's only parameter.
+    """
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(n, 2, generator=gen)
     x = torch.randn(n, 2, generator=gen)
@@ -493,9 +513,12 @@ def test_total_correlation_gradient_pushes_a_correlated_guide_toward_independenc
 
 # -------------------------------------------------------------------------------------- memory
 def test_batch_2048_dim_10_step_fits_well_under_a_gigabyte():
-    """Peak resident memory during one loss_and_grads step at B = 2048, D = 10, over the resident
-    memory just before it (a dense [B, B, D] float32 tensor alone is 168 MB, and autograd through
-    a dense log-sum-exp keeps several; see bench/bench_decomposed.py)."""
+    """Bound the peak resident memory of one loss_and_grads step at B = 2048, D = 10.
+
+    Measured over the resident memory just before the step (a dense [B, B, D] float32 tensor alone
+    is 168 MB, and autograd through a dense log-sum-exp keeps several; see
+    bench/bench_decomposed.py).
+    """
     code = textwrap.dedent(
         """
         import ctypes, gc, torch, pyro, pyro.distributions as dist
@@ -568,8 +591,11 @@ def test_code_site_without_rsample_is_named():
 
 
 def test_batch_of_one_is_an_error_for_both_estimators():
-    """MSS needs the other points; MWS on one point reports only the paper's constants (issue 13:
-    a negative dimension-wise KL), so both refuse a batch of one."""
+    """Refuse a batch of one with either estimator.
+
+    MSS needs the other points; MWS on one point reports only the paper's constants (issue 13: a
+    negative dimension-wise KL).
+    """
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match="Batch size 1 with estimator='mss'"):

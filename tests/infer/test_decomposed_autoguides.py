@@ -1,5 +1,8 @@
-"""DecomposedELBO and elbo_surgery with autoguides: AutoNormal (full data and minibatches) and
-AutoDiagonalNormal (full data) over the local code, read under the user's site names."""
+"""Tests of DecomposedELBO and elbo_surgery with autoguides over the local code.
+
+AutoNormal (full data and minibatches) and AutoDiagonalNormal (full data), read under the user's
+site names.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ TERM_NAMES = ("reconstruction", "index_code_mi", "total_correlation", "dimwise_k
 
 
 def make_problem(seed: int = 0):
-    """A model with a real code ``z`` (D dims) and a positive code ``s`` per point, and spread-out
-    initial guide locations so that MI and TC are far from zero."""
+    """Return a model with a real and a positive code per point, and initial guide locations.
+
+    The codes are ``z`` (D dims, real) and ``s`` (positive); the initial locations are spread out
+    so that MI and TC are far from zero.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=gen)
     init = {"z": 1.5 * torch.randn(N, D, generator=gen), "s": torch.rand(N, generator=gen) + 0.5}
@@ -33,7 +39,7 @@ def make_problem(seed: int = 0):
 
 
 def hand_built_guide(loc_z, scale_z, loc_s, scale_s):
-    """The guide an autoguide stands for, written out: the same densities and random numbers."""
+    """Write out the guide an autoguide stands for: the same densities and random numbers."""
 
     def guide(idx=None):
         with pyro.plate("data", N, subsample=idx) as i:
@@ -129,8 +135,11 @@ def test_auto_diagonal_normal_matches_the_hand_built_guide():
 
 
 def test_auto_diagonal_normal_set_up_on_a_minibatch_is_a_clear_error():
-    """Its one latent vector covers the prototype's points: set up on a minibatch, it would pair
-    the same parameters with a different random minibatch at every call."""
+    """Refuse an AutoDiagonalNormal set up on a minibatch, naming it and the plate.
+
+    Its one latent vector covers the prototype's points: set up on a minibatch, it would pair the
+    same parameters with a different random minibatch at every call.
+    """
     model, _ = make_problem()
     guide = AutoDiagonalNormal(model)
     with pytest.raises(
@@ -153,8 +162,11 @@ def test_a_point_mass_code_is_named():
 
 @pytest.mark.parametrize("batch_size", [None, 8], ids=["all-at-once", "blocks"])
 def test_elbo_surgery_reads_an_auto_normal_guide_like_the_hand_built_one(batch_size):
-    """In blocks, the surgery sets the plate's indices: AutoNormal follows them through the plates
-    of ``create_plates``."""
+    """Decompose an AutoNormal guide exactly as the hand-built one, at once or in blocks.
+
+    In blocks, the surgery sets the plate's indices: AutoNormal follows them through the plates of
+    ``create_plates``.
+    """
     model, init = make_problem()
     guide = AutoNormal(
         model, init_loc_fn=init_to_value(values=init), init_scale=0.4, create_plates=data_plate

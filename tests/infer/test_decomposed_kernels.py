@@ -1,6 +1,8 @@
-"""The aggregate-posterior estimators of the decomposed ELBO (``infer/_aggregate.py``) and their
-fused Normal kernels (``infer/_kernels.py``): the MSS weights, the log N bound of the MI, the
-kernel against the general path (values and gradients), gradcheck, and the overflow fallback."""
+"""Tests of the aggregate-posterior estimators and their fused Normal kernels.
+
+``infer/_aggregate.py`` and ``infer/_kernels.py``: the MSS weights, the log N bound of the MI, the
+kernel against the general path (values and gradients), gradcheck, and the overflow fallback.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +43,11 @@ def test_mss_weight_matrix_rows_sum_to_one():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["normal-kernel", "general"])
 def test_mss_index_code_mi_never_exceeds_log_n(fast):
-    """The own point has weight 1/N, so every sample's MI estimate is at most log N, even for a
-    guide whose posteriors do not overlap (where the popular per-dimension bug exceeds it)."""
+    """Keep every sample's MSS estimate of the MI at most log N.
+
+    The own point has weight 1/N, so this holds even for a guide whose posteriors do not overlap
+    (where the popular per-dimension bug exceeds it).
+    """
     n, b, d = 5000, 64, 6
     loc = torch.randn(b, d) * 50.0
     scale = torch.full((b, d), 0.01)
@@ -97,9 +102,12 @@ def test_normal_kernel_gradcheck():
 
 
 def test_overflowing_density_ratio_falls_back_to_log_sum_exp():
-    """Point 1's sample lies 13 standard deviations from its own mean, right on the narrow point 0:
+    """Hand an overflowing density ratio over to the general log-sum-exp path.
+
+    Point 1's sample lies 13 standard deviations from its own mean, right on the narrow point 0:
     ``q(z_1 | x_0) / q(z_1 | x_1)`` ~ e^95 overflows the shifted sums of the Normal kernel, so the
-    general log-sum-exp path must take over (finite, equal to brute force)."""
+    general path must take over (finite, equal to brute force).
+    """
     n, b = 100, 4
     loc = torch.tensor([[0.0], [390.0], [5.0], [9.0]])
     scale = torch.tensor([[1e-3], [30.0], [1.0], [1.0]])

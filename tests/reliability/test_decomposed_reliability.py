@@ -1,5 +1,8 @@
-"""Reliability of DecomposedELBO (issue 13): MWS terms that can be read, a batch of one refused,
-a dataset_size that contradicts the plate refused, a short last batch caught before a run."""
+"""Reliability tests of DecomposedELBO (issue 13).
+
+MWS terms that can be read, a batch of one refused, a dataset_size that contradicts the plate
+refused, a short last batch caught before a run.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ def test_mws_refuses_a_batch_of_one_that_reported_a_negative_dimwise_kl():
 
 
 def test_mws_terms_say_how_they_are_shifted_and_read_unshifted():
-    """The paper's MWS constant moves MI by +log N, TC by +(D-1) log N and the dim-wise KL by
-    -D log N; without it the terms are those of the batch-average aggregate posterior."""
+    """Report the MWS shifts, and the terms without them.
+
+    The paper's MWS constant moves MI by +log N, TC by +(D-1) log N and the dim-wise KL by
+    -D log N; without it the terms are those of the batch-average aggregate posterior.
+    """
     n, b, d = 200, 16, 4
     loc, scale, x = table_problem(n, d)
     capture = []

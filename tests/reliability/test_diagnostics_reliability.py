@@ -1,5 +1,8 @@
-"""Reliability of the guide diagnostics (issue 13): no confident number from a guide that cannot
-serve as an importance proposal, clear errors for NaN weights and empty batches."""
+"""Reliability tests of the guide diagnostics (issue 13).
+
+No confident number from a guide that cannot serve as an importance proposal, clear errors for
+NaN weights and empty batches.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +33,13 @@ def model(x):
 
 
 def exact_guide(x):
-    """The exact posterior N(x / 2, 1/2): every log weight equals log p(x), with spread in z."""
+    """Sample the exact posterior N(x / 2, 1/2): every log weight is log p(x), z spreads."""
     with pyro.plate("data", len(x)):
         pyro.sample("z", dist.Normal(x / 2, math.sqrt(0.5)))
 
 
 def point_mass_guide(x):
-    """A Delta at the posterior mean: no spread, so every log weight is the same number."""
+    """Put a Delta at the posterior mean: no spread, so every log weight is the same number."""
     with pyro.plate("data", len(x)):
         pyro.sample("z", dist.Delta(x / 2))
 
@@ -72,7 +75,7 @@ def test_psis_and_resampling_flag_an_autodelta_guide(data):
 
 def test_nan_weights_name_the_site_and_the_cause(data):
     def diverged_model(x):
-        """A noise scale that diverged to inf: N(x | z * inf, inf) has a NaN log-density."""
+        """Observe x under a noise scale that diverged to inf: a NaN log-density."""
         noise = pyro.param("noise", torch.tensor(float("inf")))
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
