@@ -78,6 +78,7 @@ def samples_by_point(capture, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["whole", "plate-indices", "declared-subsample", "batch-args"])
 def test_exact_terms_match_brute_force(mode):
+    """Match the dense brute force in every batching mode."""
     n, d, s = 70, 3, 2
     loc, scale, x = table_problem(n, d, rho=0.8)
     capture = []
@@ -120,6 +121,7 @@ def test_exact_terms_match_brute_force(mode):
 
 
 def test_one_sample_per_point_uses_the_spread_across_points():
+    """Use the spread across points for the standard error with one sample."""
     n, d = 50, 2
     loc, scale, x = table_problem(n, d)
     capture = []
@@ -182,6 +184,7 @@ def test_mss_minibatch_estimates_are_within_a_nat_of_the_exact_values():
 
 
 def test_multivariate_normal_guide_matches_brute_force():
+    """Match brute force for a MultivariateNormal code."""
     n, d = 40, 3
     loc, scale, x = table_problem(n, d)
     model, _ = make_table_model(loc, scale, x)
@@ -234,6 +237,7 @@ def test_fast_path_falls_back_when_every_term_underflows():
 
 
 def test_result_table_dataframe_and_access():
+    """Expose the terms as a table, a DataFrame and by item."""
     loc, scale, x = table_problem(30, 2)
     model, guide = make_table_model(loc, scale, x)
     result = elbo_surgery(model, guide, num_samples=2, max_plate_nesting=1)
@@ -259,6 +263,7 @@ def test_result_table_dataframe_and_access():
 
 # --------------------------------------------------------------------------------------- errors
 def test_global_latent_is_an_error():
+    """Refuse a latent outside the data plate, naming it."""
     loc, scale, x = table_problem(20, 2)
 
     def model():
@@ -277,6 +282,7 @@ def test_global_latent_is_an_error():
 
 
 def test_batching_errors():
+    """Refuse inconsistent batching arguments with clear messages."""
     n = 30
     loc, scale, x = table_problem(n, 2)
     model, guide = make_table_model(loc, scale, x)
@@ -306,6 +312,7 @@ def test_batching_errors():
 
 
 def test_site_specific_scale_is_an_error():
+    """Refuse site-specific poutine.scale factors."""
     loc, scale, x = table_problem(20, 2)
 
     def model():

@@ -116,6 +116,7 @@ def dense_terms(z, loc, scale, n_data: int, estimator: str) -> dict[str, float]:
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("batch_size", [None, 7], ids=["full", "minibatch"])
 def test_unit_weights_is_trace_elbo_on_the_same_samples(estimator, batch_size):
+    """Equal Trace_ELBO in value and gradient with unit weights on the same draws."""
     loc, scale, x = table_problem(30, 4)
     model, guide = make_table_model(loc, scale, x, learnable=True)
     loss = DecomposedELBO(aggregate=estimator, max_plate_nesting=1, dataset_size=30)
@@ -158,6 +159,7 @@ def test_unit_weights_give_trace_elbo_in_expectation():
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_weighted_loss_is_the_weighted_sum_of_the_reported_terms(estimator):
+    """Make the loss the weighted sum of the reported terms."""
     loc, scale, x = table_problem(50, 3)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(alpha=0.5, beta=4.0, gamma=2.0, aggregate=estimator, num_particles=3)
@@ -178,6 +180,7 @@ def test_weighted_loss_is_the_weighted_sum_of_the_reported_terms(estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
+    """Match the dense brute force of both estimators, chunked or not."""
     n, b = 200, 16
     loc, scale, x = table_problem(n, 4)
     capture = []
@@ -248,6 +251,7 @@ def test_multivariate_normal_guide_uses_exact_marginals(estimator):
 
 
 def test_low_rank_multivariate_normal_guide_matches_brute_force():
+    """Match brute force for a LowRankMultivariateNormal code."""
     n, b, d = 40, 8, 3
     loc, scale, x = table_problem(n, d)
     model, _ = make_table_model(loc, scale, x)
@@ -334,6 +338,7 @@ def test_dataset_size_overrides_the_plate_size():
 
 
 def test_unsubsampled_plate_warns_once_that_n_is_the_batch():
+    """Warn once that N is the batch size when the plate is not subsampled."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(max_plate_nesting=1)
@@ -347,6 +352,7 @@ def test_unsubsampled_plate_warns_once_that_n_is_the_batch():
 
 
 def test_global_latents_without_subsampling_count_as_reconstruction():
+    """Count global latents as reconstruction when the plate is not subsampled."""
     n, d = 25, 2
     loc, scale, x = table_problem(n, d)
 
@@ -375,6 +381,7 @@ def test_global_latents_without_subsampling_count_as_reconstruction():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("beta", [1.0, 4.0])
 def test_loss_methods_agree(estimator, beta):
+    """Agree between loss, loss_and_grads and differentiable_loss."""
     n = 40
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
@@ -400,6 +407,7 @@ def test_loss_methods_agree(estimator, beta):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_svi_elbo_module_and_torch_optimizer(estimator):
+    """Train through SVI and through ELBOModule with a torch optimizer."""
     n = 30
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
@@ -426,6 +434,7 @@ def test_svi_elbo_module_and_torch_optimizer(estimator):
 
 
 def test_loss_terms_returns_the_terms_without_gradients():
+    """Return the terms without building a graph."""
     loc, scale, x = table_problem(30, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
     loss = DecomposedELBO(beta=2.0)
@@ -437,6 +446,7 @@ def test_loss_terms_returns_the_terms_without_gradients():
 
 
 def test_weights_can_be_schedules_of_the_step():
+    """Evaluate callable weights at the step given to set_step."""
     loc, scale, x = table_problem(30, 3)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(beta=lambda step: 1.0 + step, gamma=2.0, max_plate_nesting=1)
@@ -455,7 +465,7 @@ def test_weights_can_be_schedules_of_the_step():
 
 # ----------------------------------------------------------------------------------- gradients
 def _rotation_problem(n: int = 256, seed: int = 0):
-    """Push a correlated guide toward independence through the TC gradient.
+    """Return a model and a guide whose posterior means are correlated by ``rho``.
 
     Posterior means ``(u1, rho u1 + sqrt(1 - rho^2) u2)`` with ``rho = tanh(theta)``: the
     aggregate posterior's TC grows with ``|rho|``; ``theta`` is the guide's only parameter.
@@ -482,6 +492,7 @@ def _rotation_problem(n: int = 256, seed: int = 0):
 
 
 def test_total_correlation_gradient_pushes_a_correlated_guide_toward_independence():
+    """Push a correlated guide toward independence through the TC gradient."""
     model, guide = _rotation_problem()
     pyro.param("theta", torch.tensor(1.0))  # rho = 0.76
     theta = pyro.param("theta").unconstrained()
@@ -558,6 +569,7 @@ def test_batch_2048_dim_10_step_fits_well_under_a_gigabyte():
 
 # --------------------------------------------------------------------------------------- errors
 def test_non_factorized_guide_site_is_named():
+    """Name a code site whose distribution has no per-dimension marginals."""
     n = 20
     x = torch.rand(n, 3)
 
@@ -575,6 +587,7 @@ def test_non_factorized_guide_site_is_named():
 
 
 def test_code_site_without_rsample_is_named():
+    """Name a code site without rsample."""
     x = torch.randn(20)
 
     def model(batch_size=None):
@@ -605,6 +618,7 @@ def test_batch_of_one_is_an_error_for_both_estimators():
 
 
 def test_batch_larger_than_dataset_is_an_error():
+    """Refuse a batch larger than the dataset, naming both sizes."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match="B = 20 .* exceeds the dataset size N = 10"):
@@ -612,6 +626,7 @@ def test_batch_larger_than_dataset_is_an_error():
 
 
 def test_no_code_site_is_an_error():
+    """Refuse a guide without a code, or unknown code sites and plates."""
     x = torch.randn(10)
 
     def model():
@@ -633,6 +648,7 @@ def test_no_code_site_is_an_error():
 
 
 def test_latent_outside_a_subsampled_data_plate_is_an_error():
+    """Refuse latents outside a subsampled data plate, naming them."""
     loc, scale, x = table_problem(20, 2)
 
     def model(batch_size=None):
@@ -653,6 +669,7 @@ def test_latent_outside_a_subsampled_data_plate_is_an_error():
 
 
 def test_masked_code_site_is_an_error():
+    """Refuse a masked code site."""
     loc, scale, x = table_problem(20, 2)
     model, _ = make_table_model(loc, scale, x)
 
@@ -679,11 +696,13 @@ def test_masked_code_site_is_an_error():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
+    """Refuse bad constructor arguments, naming them."""
     with pytest.raises(error, match=match):
         DecomposedELBO(**kwargs)
 
 
 def test_schedule_giving_a_non_finite_weight_is_an_error():
+    """Refuse a schedule that gives a non-finite weight, naming the step."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(alpha=lambda step: float("inf") if step > 2 else 1.0)

@@ -50,6 +50,7 @@ def hand_built_guide(loc_z, scale_z, loc_s, scale_s):
 
 
 def assert_terms_sum_to_the_elbo(terms):
+    """Check reconstruction - MI - TC - dim-wise KL = ELBO."""
     parts = (
         terms["reconstruction"]
         - terms["index_code_mi"]
@@ -66,6 +67,7 @@ def data_plate(idx=None):
 
 @pytest.mark.parametrize("minibatch", [False, True], ids=["full", "minibatch"])
 def test_auto_normal_matches_the_hand_built_guide(minibatch):
+    """Match the hand-built guide's loss and terms, and Trace_ELBO at unit weights."""
     model, init = make_problem()
     guide = AutoNormal(
         model, init_loc_fn=init_to_value(values=init), init_scale=0.4, create_plates=data_plate
@@ -97,6 +99,7 @@ def test_auto_normal_matches_the_hand_built_guide(minibatch):
 
 
 def test_auto_normal_code_sites_use_the_users_names_and_train():
+    """Accept the user's site names as code sites and give finite gradients."""
     model, init = make_problem()
     guide = AutoNormal(
         model, init_loc_fn=init_to_value(values=init), init_scale=0.4, create_plates=data_plate
@@ -113,6 +116,7 @@ def test_auto_normal_code_sites_use_the_users_names_and_train():
 
 
 def test_auto_diagonal_normal_matches_the_hand_built_guide():
+    """Match the hand-built guide's loss and terms with the packed latent."""
     model, init = make_problem()
     guide = AutoDiagonalNormal(model, init_loc_fn=init_to_value(values=init), init_scale=0.4)
     guide()
@@ -149,6 +153,7 @@ def test_auto_diagonal_normal_set_up_on_a_minibatch_is_a_clear_error():
 
 
 def test_a_point_mass_code_is_named():
+    """Refuse a point-mass code site, naming it."""
     model, _ = make_problem()
 
     def delta_guide(idx=None):

@@ -28,6 +28,7 @@ def _single_intra_op_thread():
 
 
 def test_mss_weight_matrix_rows_sum_to_one():
+    """Make every row of the MSS weight matrix sum to one (unlike the reference code's)."""
     b, n = 9, 1000
     log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, torch.float64)
     w = log_w.exp()
@@ -68,6 +69,7 @@ def test_mss_index_code_mi_never_exceeds_log_n(fast):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("num_particles, chunk", [(1, None), (3, 5)])
 def test_normal_kernel_matches_general_path_values_and_gradients(estimator, num_particles, chunk):
+    """Match the general path's values and gradients with the fused Normal kernel."""
     torch.set_default_dtype(torch.float64)
     b, d, n = 23, 4, 300
     loc0 = torch.randn(b, d, requires_grad=True)
@@ -90,6 +92,7 @@ def test_normal_kernel_matches_general_path_values_and_gradients(estimator, num_
 
 
 def test_normal_kernel_gradcheck():
+    """Pass gradcheck with the analytic backward of the fused kernel."""
     torch.set_default_dtype(torch.float64)
     z = torch.randn(2, 6, 3, requires_grad=True)
     loc = torch.randn(1, 6, 3, requires_grad=True)  # shared by the particles

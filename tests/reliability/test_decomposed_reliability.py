@@ -17,6 +17,7 @@ TERM_NAMES = ("index_code_mi", "total_correlation", "dimwise_kl")
 
 
 def test_mws_refuses_a_batch_of_one_that_reported_a_negative_dimwise_kl():
+    """Refuse a batch of one under MWS (it reported a negative dim-wise KL)."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match=r"Batch size 1 with estimator='mws'.*plate 'data'"):
@@ -62,6 +63,7 @@ def test_mws_terms_say_how_they_are_shifted_and_read_unshifted():
 
 
 def test_dataset_size_that_contradicts_the_plate_names_both_numbers():
+    """Refuse a dataset_size that contradicts the plate, naming both sizes and the plate."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match=r"dataset_size=50 contradicts plate 'data'.*N = 20"):
@@ -71,6 +73,7 @@ def test_dataset_size_that_contradicts_the_plate_names_both_numbers():
 
 
 def test_short_last_batch_under_mss_is_caught_before_the_run():
+    """Catch a short last batch of one before the run, and say what to do inside it."""
     loss = DecomposedELBO()  # aggregate="mss"
     with pytest.raises(ValueError, match=r"101 points in batches of 50 leave a last batch of 1"):
         loss.check_batching(101, 50)

@@ -23,10 +23,12 @@ NUM_POINTS = 5
 
 @pytest.fixture
 def data():
+    """Provide five observations."""
     return torch.linspace(-1.0, 1.0, NUM_POINTS)
 
 
 def model(x):
+    """Observe x ~ N(z, 1) with z ~ N(0, 1) per point."""
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
@@ -45,6 +47,7 @@ def point_mass_guide(x):
 
 
 def test_log_evidence_flags_a_point_mass_guide_and_trusts_the_exact_one(data):
+    """Flag a point-mass guide and trust the exact posterior."""
     with pytest.warns(UserWarning, match=r"site\(s\) 'z' are identical in all 200 draws"):
         flagged = log_evidence(model, point_mass_guide, data, num_samples=200, chunk_size=50)
     assert "'z'" in flagged.proposal_problem
@@ -61,6 +64,7 @@ def test_log_evidence_flags_a_point_mass_guide_and_trusts_the_exact_one(data):
 
 
 def test_psis_and_resampling_flag_an_autodelta_guide(data):
+    """Flag an AutoDelta guide in k-hat and in resampling."""
     guide = AutoDelta(model)
     with pytest.warns(UserWarning, match="cannot serve as an importance proposal.*'z'"):
         psis = psis_diagnostic(model, guide, data, num_samples=100)
@@ -74,6 +78,8 @@ def test_psis_and_resampling_flag_an_autodelta_guide(data):
 
 
 def test_nan_weights_name_the_site_and_the_cause(data):
+    """Name the site with a NaN log-density and the cause."""
+
     def diverged_model(x):
         """Observe x under a noise scale that diverged to inf: a NaN log-density."""
         noise = pyro.param("noise", torch.tensor(float("inf")))
@@ -89,6 +95,7 @@ def test_nan_weights_name_the_site_and_the_cause(data):
 
 
 def test_empty_batch_is_a_clear_error():
+    """Refuse an empty batch clearly."""
     empty = torch.zeros(0)
     with pytest.raises(ValueError, match="empty batch"):
         importance_resample(model, exact_guide, empty, num_samples=10)
