@@ -40,9 +40,12 @@ NUM_SHAPES = 3
 
 
 def _inside(shape: int, ux: Tensor, uy: Tensor, vx: Tensor, vy: Tensor) -> Tensor:
-    """Inside test of shape ``shape`` at local coordinates ``u = ux + uy`` (right) and
-    ``v = vx + vy`` (up), with ``ux``, ``vx`` of shape ``[n, 1, W]`` and ``uy``, ``vy`` of shape
-    ``[n, H, 1]``, so that only the sums are full ``[n, H, W]`` tensors (updated in place)."""
+    """Test whether local coordinates lie inside shape ``shape``.
+
+    The coordinates are ``u = ux + uy`` (right) and ``v = vx + vy`` (up), with ``ux``, ``vx`` of
+    shape ``[n, 1, W]`` and ``uy``, ``vy`` of shape ``[n, H, 1]``, so that only the sums are full
+    ``[n, H, W]`` tensors (updated in place).
+    """
     if shape == 0:  # square: max(|u|, |v|) <= 1
         u = (ux + uy).abs_()
         return torch.maximum(u, (vx + vy).abs_(), out=u) <= 1.0
@@ -60,7 +63,7 @@ def _inside(shape: int, ux: Tensor, uy: Tensor, vx: Tensor, vy: Tensor) -> Tenso
 
 
 def _coverage(inside: Tensor, width: int, ss: int) -> Tensor:
-    """Number of inside sub-samples per pixel (slice additions beat a strided ``sum`` on CPU)."""
+    """Count the inside sub-samples per pixel (slice additions beat a strided ``sum`` on CPU)."""
     blocks = inside.view(torch.uint8).reshape(-1, width, ss, width, ss)
     rows = blocks[:, :, 0].clone()
     for i in range(1, ss):

@@ -1,0 +1,1 @@
+"""Losses: log-weights (``_weights``), bounds (``_bounds``), gradient estimators, loss classes."""

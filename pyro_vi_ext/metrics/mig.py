@@ -57,14 +57,18 @@ class MIGResult:
 
     @property
     def normalized_mutual_information(self) -> np.ndarray:
-        """``MI(z_j; v_k) / H(v_k)``, shape ``[D, K]``, each entry in [0, 1] up to estimation
-        error."""
+        """``MI(z_j; v_k) / H(v_k)``, shape ``[D, K]``.
+
+        Each entry lies in [0, 1] up to estimation error.
+        """
         return self.mutual_information / self.factor_entropy[None, :]
 
     @property
     def top_latents(self) -> np.ndarray:
-        """Indices of the latent dimensions with the largest and second largest MI for each
-        factor, shape ``[K, 2]``."""
+        """Indices of the latent dimensions with the two largest MI per factor, ``[K, 2]``.
+
+        Column 0 holds the largest, column 1 the second largest.
+        """
         order = np.argsort(-self.mutual_information, axis=0, kind="stable")
         return order[:2].T.copy()
 
