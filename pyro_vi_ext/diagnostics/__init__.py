@@ -27,9 +27,10 @@ from pyro_vi_ext.diagnostics.importance import (
 )
 from pyro_vi_ext.diagnostics.loo import loo_from_inference_data, loo_from_log_weights, vi_loo
 from pyro_vi_ext.diagnostics.plots import plot_bound_curve, plot_bound_vs_k, plot_khat
-from pyro_vi_ext.diagnostics.surgery import SurgeryResult, elbo_surgery
+from pyro_vi_ext.diagnostics.surgery import SURGERY_TERMS, SurgeryResult, elbo_surgery
 
 __all__ = [
+    "SURGERY_TERMS",
     "BoundCurve",
     "EvidenceResult",
     "PSISResult",
