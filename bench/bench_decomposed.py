@@ -51,6 +51,7 @@ BETA = 6.0
 
 
 def mlp(sizes) -> nn.Sequential:
+    """Return a ReLU multilayer perceptron with the given layer widths."""
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
@@ -60,6 +61,8 @@ def mlp(sizes) -> nn.Sequential:
 
 
 class VAE(nn.Module):
+    """MLP VAE with a Bernoulli decoder and a factorized Normal encoder, as a Pyro model/guide."""
+
     def __init__(self, x_dim: int, hidden: tuple[int, ...], z_dim: int):
         super().__init__()
         self.z_dim = z_dim
@@ -67,16 +70,19 @@ class VAE(nn.Module):
         self.decoder = mlp((z_dim, *reversed(hidden), x_dim))
 
     def encode(self, x):
+        """Return the encoder's ``(loc, scale)`` for a batch ``x``."""
         loc, log_var = self.encoder(x).chunk(2, -1)
         return loc, (0.5 * log_var).exp()
 
     # -- Pyro model and guide ------------------------------------------------------------
     def model(self, x, idx, n_data):
+        """Pyro model over the rows ``idx`` of a dataset of ``n_data`` points."""
         with pyro.plate("data", n_data, subsample=idx):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def guide(self, x, idx, n_data):
+        """Pyro guide: the encoder's factorized Normal over the code ``z``."""
         loc, scale = self.encode(x)
         with pyro.plate("data", n_data, subsample=idx):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
@@ -87,10 +93,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def log_normal(x, loc, log_scale):
+    """Return the elementwise log-density of ``N(loc, exp(log_scale))`` at ``x``."""
     return -0.5 * ((x - loc) / log_scale.exp()) ** 2 - log_scale - 0.5 * _LOG_2PI
 
 
 def mss_log_weights(b: int, n: int) -> torch.Tensor:
+    """Return the log of the ``[b, b]`` MSS weight matrix (rows summing to one, Chen et al.)."""
     m = b - 1
     w = torch.full((b, b), 1.0 / m)
     index = torch.arange(b)
@@ -100,6 +108,7 @@ def mss_log_weights(b: int, n: int) -> torch.Tensor:
 
 
 def hand_tcvae_loss(vae: VAE, x, n_data: int, log_w: torch.Tensor) -> torch.Tensor:
+    """Return the beta-TCVAE loss (MSS) written directly on tensors, with a dense ``[B, B, D]``."""
     b = x.shape[0]
     loc, scale = vae.encode(x)
     log_scale = scale.log()
@@ -118,6 +127,7 @@ def hand_tcvae_loss(vae: VAE, x, n_data: int, log_w: torch.Tensor) -> torch.Tens
 
 
 def hand_vae_loss(vae: VAE, x, n_data: int) -> torch.Tensor:
+    """Return the plain VAE loss (analytic KL) written directly on tensors."""
     b = x.shape[0]
     loc, scale = vae.encode(x)
     z = loc + scale * torch.randn_like(loc)
@@ -129,6 +139,7 @@ def hand_vae_loss(vae: VAE, x, n_data: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------- step timing
 def make_data(n: int, x_dim: int, seed: int = 0) -> torch.Tensor:
+    """Return ``n`` binary vectors from a random low-rank threshold model."""
     gen = torch.Generator().manual_seed(seed)
     basis = torch.randn(16, x_dim, generator=gen)
     codes = torch.randn(n, 16, generator=gen)
@@ -136,6 +147,7 @@ def make_data(n: int, x_dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def make_steppers(arch: str, batch: int, n_data: int):
+    """Return, per loss, a function running one optimizer step on a random minibatch."""
     x_dim, hidden, z_dim = ARCHS[arch]
     torch.manual_seed(0)
     vae = VAE(x_dim, hidden, z_dim)
@@ -175,6 +187,7 @@ def make_steppers(arch: str, batch: int, n_data: int):
 
 
 def time_steps(arch: str, batch: int, rounds: int, steps: int, n_data: int):
+    """Return, per loss, the mean step time of each interleaved round, in seconds."""
     steppers = make_steppers(arch, batch, n_data)
     for run in steppers.values():  # warm-up
         for _ in range(3):
@@ -215,8 +228,11 @@ def _proc_status_kb(key: str) -> int:
 
 
 def peak_rss_reset() -> int:
-    """Return freed heap pages to the OS, reset the peak RSS (Linux ``/proc/self/clear_refs``)
-    and return the current RSS in kB: the baseline of :func:`peak_rss_growth_mb`."""
+    """Reset the peak RSS and return the current RSS in kB.
+
+    Freed heap pages go back to the OS first and the peak is reset through Linux's
+    ``/proc/self/clear_refs``; the result is the baseline of :func:`peak_rss_growth_mb`.
+    """
     import ctypes
     import gc
 
@@ -228,11 +244,12 @@ def peak_rss_reset() -> int:
 
 
 def peak_rss_growth_mb(baseline_kb: int) -> float:
-    """Peak RSS since :func:`peak_rss_reset` minus its baseline, in MB."""
+    """Return the peak RSS since :func:`peak_rss_reset` minus its baseline, in MB."""
     return (_proc_status_kb("VmHWM") - baseline_kb) / 1024
 
 
 def peak_memory(name: str, arch: str, n_data: int, threads: int) -> dict:
+    """Run one B = 2048 step of loss ``name`` in a fresh subprocess; its peak RSS growth."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = _MEMORY_CHILD.format(root=root, threads=threads, name=name, arch=arch, n_data=n_data)
     out = subprocess.run(
@@ -243,6 +260,7 @@ def peak_memory(name: str, arch: str, n_data: int, threads: int) -> dict:
 
 # -------------------------------------------------------------------------------- surgery
 def time_surgery(n: int, d: int = 10, num_samples: int = 1) -> tuple[float, str]:
+    """Time :func:`elbo_surgery` on a table of ``n`` Normal posteriors; return time and table."""
     gen = torch.Generator().manual_seed(0)
     cov = 0.3 * torch.eye(d) + 0.7 * torch.ones(d, d)
     loc = torch.randn(n, d, generator=gen) @ torch.linalg.cholesky(cov).T
@@ -265,6 +283,7 @@ def time_surgery(n: int, d: int = 10, num_samples: int = 1) -> tuple[float, str]
 
 # ----------------------------------------------------------------------------------- main
 def main() -> None:
+    """Parse the command line and run the chosen parts."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["all", "time", "memory", "surgery"], default="all")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="small")

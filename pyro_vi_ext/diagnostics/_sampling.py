@@ -133,7 +133,7 @@ class ProposalCheck:
     * an empty batch: a data plate with no points in this call (raises);
     * NaN log-weights: raises, naming the model and guide sites whose log-density is NaN;
     * no spread: a guide latent whose draws are all identical (a point mass: ``Delta``,
-      ``AutoDelta``, a zero scale); :meth:`constant_sites` lists them once all blocks are seen.
+      ``AutoDelta``, a vanishing scale); :meth:`constant_sites` lists them once all blocks are seen.
       A discrete site counts only when its identical draws have probability one.
 
     Examples
@@ -177,7 +177,7 @@ class ProposalCheck:
             if name in self._varied:
                 continue
             value = site["value"].detach()
-            if site["fn"].support.is_discrete and not bool((site_log_prob(site) == 0).all()):
+            if _is_discrete(site) and not bool((site_log_prob(site) == 0).all()):
                 self._varied.add(name)  # a discrete draw of probability < 1: the guide spreads
                 continue
             rows = value.shape[0] if value.dim() and value.shape[0] == weights.num_particles else 1
@@ -202,11 +202,18 @@ class ProposalCheck:
         return (
             f"The guide cannot serve as an importance proposal: its draws of site(s) {names} "
             f"are identical in all {self.num_draws} draws (a point mass: a Delta, AutoDelta or "
-            "a zero scale). Importance sampling needs a proposal with spread wherever the "
+            "a vanishing scale). Importance sampling needs a proposal with spread wherever the "
             "posterior has mass, so the weights say nothing about the posterior: standard "
             "errors are reported as NaN, effective sample sizes as 1 and k-hat as inf. Use a "
             "guide with spread (e.g. AutoNormal) to diagnose the model."
         )
+
+
+def _is_discrete(site: dict) -> bool:
+    try:
+        return bool(site["fn"].support.is_discrete)
+    except NotImplementedError:  # a dependent support that cannot tell: treat as continuous
+        return False
 
 
 def _nan_message(weights: ParticleWeights) -> str:

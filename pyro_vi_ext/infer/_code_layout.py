@@ -310,6 +310,33 @@ def _unpacked_latent(
     return parts[0], parts[1], parts[2]
 
 
+def packed_autoguide_subsampling(guide: Callable) -> str | None:
+    """Say why a packed autoguide (``AutoDiagonalNormal``) cannot serve a subsampled data plate.
+
+    Its one latent vector covers the points of the prototype it was set up with; set up on a
+    minibatch, the same parameters meet a different random minibatch at every call.
+
+    Returns
+    -------
+    str or None
+        A message naming the guide and the plate, or ``None`` when it does not apply.
+    """
+    prototype = getattr(guide, "prototype_trace", None)
+    if not isinstance(guide, AutoContinuous) or prototype is None:
+        return None
+    for _, site in sample_sites(prototype):
+        for plate, frame in site_plate_frames(site).items():
+            if _as_point_plate(frame).subsample_factor != 1.0:
+                return (
+                    f"{type(guide).__name__} was set up on a minibatch of plate '{plate}' "
+                    f"({frame.size} of {frame.full_size} points), but its one latent vector "
+                    "covers the points it was set up with, so it has no per-point parameters "
+                    "to subsample. Use AutoNormal(model, create_plates=...) for minibatches, or "
+                    "call the guide on the full data."
+                )
+    return None
+
+
 def code_sources(
     guide: Callable, guide_trace: Trace, layout: CodeLayout, model_trace: Trace | None = None
 ) -> list[CodeSource]:
@@ -367,16 +394,9 @@ def code_sources(
                 "built. Sample the code from a distribution (e.g. dist.Normal(loc, "
                 "scale).to_event(1)), or use AutoNormal / AutoDiagonalNormal."
             )
-        frame = site_plate_frames(site)[layout.plate]
-        if _as_point_plate(frame).subsample_factor != 1.0:
-            raise ValueError(
-                f"code site '{name}' comes from {type(guide).__name__}, whose one latent vector "
-                f"covers the points it was set up with, and plate '{layout.plate}' is subsampled "
-                f"({frame.size} of {layout.full_size} points). Use AutoNormal for minibatches."
-            )
         value, loc, scale = _unpacked_latent(guide, latent, name)
         _check_elementwise(name, model_site, site["value"].shape, value.shape)
-        density = Normal(loc, scale, validate_args=False).to_event(fn.event_dim)
+        density = dist.Normal(loc, scale, validate_args=False).to_event(fn.event_dim)
         sources.append(CodeSource(name, site, value, density, log_jacobian))
     return sources
 
@@ -632,4 +652,5 @@ __all__ = [
     "code_sources",
     "data_position",
     "find_code_layout",
+    "packed_autoguide_subsampling",
 ]

@@ -38,6 +38,7 @@ from pyro_vi_ext.infer._code_layout import (
     code_scale,
     code_sources,
     find_code_layout,
+    packed_autoguide_subsampling,
 )
 from pyro_vi_ext.infer._loss_base import ParticleELBO
 from pyro_vi_ext.infer._weights import ParticleWeights, trace_particles
@@ -353,9 +354,15 @@ class DecomposedELBO(ParticleELBO):
         weights_now = self.current_weights()
         nesting = self._model_plate_nesting(model, guide, args, kwargs)
         num_particles = self.num_particles
-        weights = trace_particles(
-            model, guide, args, kwargs, num_particles=num_particles, plate_nesting=nesting
-        )
+        try:
+            weights = trace_particles(
+                model, guide, args, kwargs, num_particles=num_particles, plate_nesting=nesting
+            )
+        except ValueError as error:
+            reason = packed_autoguide_subsampling(guide)
+            if reason is None:
+                raise
+            raise ValueError(reason) from error
         model_trace, guide_trace = weights.model_trace, weights.guide_trace
         layout = find_code_layout(model_trace, guide_trace, self.data_plate, self.code_sites)
         check_code_sites(model_trace, guide_trace, layout)

@@ -30,9 +30,11 @@ def _close_figures():
 
 @pytest.fixture(scope="module")
 def regression() -> Regression:
+    """Provide the conjugate Bayesian linear regression toy."""
     return make_regression()
 
 
 @pytest.fixture(scope="module")
 def local_toy() -> LocalToy:
+    """Provide the toy with one local latent per data point."""
     return make_local_toy()

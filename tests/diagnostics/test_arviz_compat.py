@@ -30,6 +30,7 @@ arviz_023 = pytest.mark.skipif(compat.ARVIZ_MAJOR >= 1, reason="ArviZ 0.23 only"
 
 
 def test_psislw_recovers_a_known_pareto_shape():
+    """Recover the Pareto shape of weights drawn with a known tail."""
     # w = U^(-k) has a Pareto tail of shape k; a sign error in the adapter would fit the bounded
     # lower tail instead and give a negative k
     rng = np.random.default_rng(0)
@@ -44,11 +45,13 @@ def test_psislw_recovers_a_known_pareto_shape():
 
 
 def test_psislw_rejects_a_single_draw():
+    """Refuse PSIS on a single draw."""
     with pytest.raises(ValueError, match="at least 2 draws"):
         compat.psislw(np.zeros((3, 1)))
 
 
 def test_from_dict_groups_dims_coords_attrs():
+    """Build the groups, dims, coords and attributes through the adapter."""
     rng = np.random.default_rng(1)
     data = compat.from_dict(
         {
@@ -83,6 +86,7 @@ def _group_names(data):
 
 @arviz_1x
 def test_arviz_1x_datatree_loo_and_netcdf(tmp_path):
+    """Round-trip a DataTree through loo and netCDF under ArviZ 1.x."""
     import xarray as xr
     from arviz_stats import loo
 
@@ -112,6 +116,7 @@ def test_arviz_1x_datatree_loo_and_netcdf(tmp_path):
 
 @arviz_023
 def test_arviz_023_returns_inference_data():
+    """Return an InferenceData under ArviZ 0.23."""
     import arviz as az
 
     data = compat.from_dict({"posterior": {"m": np.zeros((1, 10))}})

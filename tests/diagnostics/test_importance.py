@@ -30,7 +30,7 @@ from tests.diagnostics._toys import gaussian_guide
 
 
 def _mean_field(regression, scale_factor: float = 1.0, shift_sd: float = 0.0):
-    """The mean-field optimum (what Trace_ELBO converges to), optionally degraded."""
+    """Return the mean-field optimum (what Trace_ELBO converges to), optionally degraded."""
     loc, scale = mean_field_optimum(regression.x.double(), regression.y.double())
     pyro.param("linear_w_loc", (loc + shift_sd * scale).float())
     pyro.param(
@@ -45,6 +45,7 @@ def _mean_field(regression, scale_factor: float = 1.0, shift_sd: float = 0.0):
 
 
 def test_log_evidence_exact_guide_is_exact(regression):
+    """Give the exact log-evidence, with zero standard error, for the exact posterior."""
     guide = make_exact_guide(regression.x, regression.y)
     result = log_evidence(regression.model, guide, *regression.args, num_samples=2000)
     # every weight equals p(y): the estimate is exact up to float32 rounding, with no spread
@@ -55,6 +56,7 @@ def test_log_evidence_exact_guide_is_exact(regression):
 
 
 def test_log_evidence_within_three_standard_errors(regression):
+    """Land within three standard errors of the exact log-evidence."""
     # S = 10,000 in blocks of 1000: the estimate the issue asks for, with a mean-field guide
     guide = _mean_field(regression)
     result = log_evidence(regression.model, guide, *regression.args)
@@ -66,6 +68,7 @@ def test_log_evidence_within_three_standard_errors(regression):
 
 
 def test_log_evidence_per_point_for_local_latents(local_toy):
+    """Estimate the log-evidence per data point for local latents."""
     exact = local_toy.exact_log_evidence().numpy()
     guide = local_toy.guide(scale=1.3, shift=0.1)  # over-dispersed and shifted: finite variance
     result = log_evidence(local_toy.model, guide, local_toy.x, num_samples=4000, chunk_size=700)
@@ -80,6 +83,7 @@ def test_log_evidence_per_point_for_local_latents(local_toy):
 
 
 def test_log_evidence_exact_local_guide_and_frozen_minibatch(local_toy):
+    """Stay exact per point with a frozen minibatch of a subsampled plate."""
     exact = local_toy.exact_log_evidence().numpy()
     full = log_evidence(local_toy.model, local_toy.guide(), local_toy.x, num_samples=500)
     np.testing.assert_allclose(full.per_point, exact, atol=1e-3)
@@ -94,6 +98,7 @@ def test_log_evidence_exact_local_guide_and_frozen_minibatch(local_toy):
 
 
 def test_log_mean_exp_streaming_matches_direct():
+    """Match the direct log-mean-exp and its moments with the streaming one."""
     rng = np.random.default_rng(0)
     log_weights = np.sort(rng.normal(scale=3.0, size=(3000, 4)), axis=0)  # maxima rise per block
     log_weights[:5, 1] = -np.inf  # zero weights are allowed
@@ -112,6 +117,7 @@ def test_log_mean_exp_streaming_matches_direct():
 
 
 def test_khat_exact_guide_low_and_underdispersed_guide_high(regression):
+    """Give a low k-hat for the exact guide and a high one for an under-dispersed guide."""
     exact = psis_diagnostic(
         regression.model, make_exact_guide(regression.x, regression.y), *regression.args
     )
@@ -126,6 +132,7 @@ def test_khat_exact_guide_low_and_underdispersed_guide_high(regression):
 
 
 def test_khat_per_point_for_local_latents(local_toy):
+    """Compute k-hat per data point for local latents."""
     good = psis_diagnostic(local_toy.model, local_toy.guide(scale=1.2), local_toy.x)
     assert good.is_per_point and good.khat.shape == (40,)
     assert good.max_khat < 0.5
@@ -137,6 +144,7 @@ def test_khat_per_point_for_local_latents(local_toy):
 
 
 def test_khat_equals_arviz_psislw_on_identical_weights(regression, local_toy):
+    """Agree with arviz.psislw on the same weights."""
     # the weights straight from the shared trace bookkeeping, then both k-hat computations
     guide = make_underdispersed_guide(regression.x, regression.y, factor=0.4)
     weights = trace_particles(
@@ -156,6 +164,7 @@ def test_khat_equals_arviz_psislw_on_identical_weights(regression, local_toy):
 
 
 def test_psis_from_log_weights_rejects_bad_input():
+    """Refuse NaN weights, all-zero weights and fewer than two draws."""
     with pytest.raises(ValueError, match="NaN"):
         psis_from_log_weights(np.array([0.0, np.nan, 1.0]))
     with pytest.raises(ValueError, match="zero importance weight"):
@@ -165,6 +174,7 @@ def test_psis_from_log_weights_rejects_bad_input():
 
 
 def test_invalid_counts_raise(regression):
+    """Refuse invalid sample counts and chunk sizes."""
     guide = make_exact_guide(regression.x, regression.y)
     with pytest.raises(ValueError, match="num_samples"):
         log_evidence(regression.model, guide, *regression.args, num_samples=1)
@@ -183,6 +193,7 @@ def _moment_errors(draws: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> tupl
 
 
 def test_resampled_draws_closer_to_exact_posterior(regression):
+    """Move resampled draws closer to the exact posterior than the guide's."""
     # mean-field optimum shifted by half a marginal sd and widened: a mediocre guide
     guide = _mean_field(regression, scale_factor=1.2, shift_sd=0.5)
     mean, cov = regression.mean.numpy(), regression.cov.numpy()
@@ -215,6 +226,7 @@ def test_resampled_draws_closer_to_exact_posterior(regression):
 
 
 def test_resampling_is_per_point_for_local_latents(local_toy):
+    """Resample each data point independently for local latents."""
     exact_mean = local_toy.exact_posterior_mean().numpy()
     guide = local_toy.guide(scale=0.8, shift=0.4)
     post = importance_resample(local_toy.model, guide, local_toy.x, num_samples=1000)
@@ -234,6 +246,7 @@ def test_resampling_is_per_point_for_local_latents(local_toy):
 
 
 def test_bound_curve_exact_guide_is_flat(regression):
+    """Keep the bound curve flat at log p(x) for the exact guide."""
     guide = make_exact_guide(regression.x, regression.y)
     curve = iw_bound_curve(regression.model, guide, *regression.args, ks=(1, 10, 100))
     assert curve.num_samples == 2000 and list(curve.num_groups) == [2000, 200, 20]
@@ -241,6 +254,7 @@ def test_bound_curve_exact_guide_is_flat(regression):
 
 
 def test_bound_curve_rises_from_elbo_to_evidence(regression):
+    """Rise from the ELBO at K = 1 toward the log-evidence."""
     mean, cov = regression.mean, regression.cov
     q_mean, q_cov = mean + 0.5 * cov.diagonal().sqrt(), 0.5 * cov
     guide = gaussian_guide(q_mean, q_cov)

@@ -1,5 +1,8 @@
-"""elbo_surgery: the exact full-dataset decomposition against brute force, its batching modes, the
-MI <= log N bound, the minibatch estimators against it, and its errors."""
+"""Tests of elbo_surgery, the exact full-dataset decomposition.
+
+Against brute force, its batching modes, the MI <= log N bound, the minibatch estimators against
+it, and its errors.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from tests.infer.test_decomposed import make_table_model, table_problem
 
 @pytest.fixture(autouse=True)
 def _single_intra_op_thread():
-    """One intra-op thread: the pairwise kernels run many mid-sized ops, and on a shared 2-core
-    box OpenMP threads waiting on each other slow them down by an order of magnitude."""
+    """Run each test with one intra-op thread.
+
+    The pairwise kernels run many mid-sized ops, and on a shared 2-core box OpenMP threads waiting
+    on each other slow them down by an order of magnitude.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -28,8 +34,10 @@ def _single_intra_op_thread():
 
 
 def brute_force(z, loc, scale, x) -> dict[str, torch.Tensor]:
-    """Per-sample terms ``[S, N]`` with the dense ``[S, N, N, D]`` tensor, in float64, for the
-    table model (``z ~ N(0, I)``, ``x | z ~ N(z, I)``)."""
+    """Compute the per-sample terms ``[S, N]`` with the dense ``[S, N, N, D]`` tensor.
+
+    In float64, for the table model (``z ~ N(0, I)``, ``x | z ~ N(z, I)``).
+    """
     z, loc, scale, x = (t.double() for t in (z, loc, scale, x))
     n = loc.shape[0]
     normal = torch.distributions.Normal
@@ -50,8 +58,10 @@ def brute_force(z, loc, scale, x) -> dict[str, torch.Tensor]:
 
 
 def samples_by_point(capture, n: int) -> torch.Tensor:
-    """``[S, N, D]``: for every point, the sample of the first traced batch that held it (probe
-    runs of the guide, without the particle dim, are skipped)."""
+    """Return ``[S, N, D]``: for every point, the sample of the first traced batch that held it.
+
+    Probe runs of the guide, without the particle dim, are skipped.
+    """
     z_all = None
     seen = torch.zeros(n, dtype=torch.bool)
     for idx, z in capture:
@@ -68,6 +78,7 @@ def samples_by_point(capture, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["whole", "plate-indices", "declared-subsample", "batch-args"])
 def test_exact_terms_match_brute_force(mode):
+    """Match the dense brute force in every batching mode."""
     n, d, s = 70, 3, 2
     loc, scale, x = table_problem(n, d, rho=0.8)
     capture = []
@@ -110,6 +121,7 @@ def test_exact_terms_match_brute_force(mode):
 
 
 def test_one_sample_per_point_uses_the_spread_across_points():
+    """Use the spread across points for the standard error with one sample."""
     n, d = 50, 2
     loc, scale, x = table_problem(n, d)
     capture = []
@@ -123,8 +135,10 @@ def test_one_sample_per_point_uses_the_spread_across_points():
 
 
 def test_exact_mi_never_exceeds_log_n():
-    """Disjoint posteriors: every sample identifies its point, so the exact MI is log N, and it
-    must not exceed it."""
+    """Reach but never exceed log N with disjoint posteriors.
+
+    Every sample identifies its point, so the exact MI is log N.
+    """
     n, d = 3000, 4
     gen = torch.Generator().manual_seed(0)
     loc = 100.0 * torch.randn(n, d, generator=gen)
@@ -143,9 +157,11 @@ def test_exact_mi_never_exceeds_log_n():
 
 
 def test_mss_minibatch_estimates_are_within_a_nat_of_the_exact_values():
-    """N = 4000 points, D = 10 dims with correlated means (TC of several nats): MSS at B = 256
-    averaged over batches lands within about 1 nat of the exact MI and TC. (The field notes' buggy
-    variants are 2 to 90 nats off; see test_decomposed for the per-dimension bug.)"""
+    """Land MSS at B = 256, averaged over batches, within about 1 nat of the exact MI and TC.
+
+    N = 4000 points, D = 10 dims with correlated means (TC of several nats). (The field notes'
+    buggy variants are 2 to 90 nats off; see test_decomposed for the per-dimension bug.)
+    """
     n, d, b = 4000, 10, 256
     loc, scale, x = table_problem(n, d, rho=0.7, scale=0.3)
     model, guide = make_table_model(loc, scale, x)
@@ -168,6 +184,7 @@ def test_mss_minibatch_estimates_are_within_a_nat_of_the_exact_values():
 
 
 def test_multivariate_normal_guide_matches_brute_force():
+    """Match brute force for a MultivariateNormal code."""
     n, d = 40, 3
     loc, scale, x = table_problem(n, d)
     model, _ = make_table_model(loc, scale, x)
@@ -195,8 +212,11 @@ def test_multivariate_normal_guide_matches_brute_force():
 
 
 def test_fast_path_falls_back_when_every_term_underflows():
-    """A point 10^32 times wider than the narrowest: its weight in the fast path's matrix-vector
-    sum underflows, and the block is redone with log-sum-exp."""
+    """Redo an underflowing block of the exact evaluator with log-sum-exp.
+
+    A point 10^32 times wider than the narrowest: its weight in the fast path's matrix-vector sum
+    underflows.
+    """
     loc = torch.tensor([[0.0], [0.0], [3.0]])
     scale = torch.tensor([[1e-4], [1e28], [1.0]])
     z = torch.tensor([[[0.0], [1e27], [3.5]]])
@@ -217,6 +237,7 @@ def test_fast_path_falls_back_when_every_term_underflows():
 
 
 def test_result_table_dataframe_and_access():
+    """Expose the terms as a table, a DataFrame and by item."""
     loc, scale, x = table_problem(30, 2)
     model, guide = make_table_model(loc, scale, x)
     result = elbo_surgery(model, guide, num_samples=2, max_plate_nesting=1)
@@ -242,6 +263,7 @@ def test_result_table_dataframe_and_access():
 
 # --------------------------------------------------------------------------------------- errors
 def test_global_latent_is_an_error():
+    """Refuse a latent outside the data plate, naming it."""
     loc, scale, x = table_problem(20, 2)
 
     def model():
@@ -260,6 +282,7 @@ def test_global_latent_is_an_error():
 
 
 def test_batching_errors():
+    """Refuse inconsistent batching arguments with clear messages."""
     n = 30
     loc, scale, x = table_problem(n, 2)
     model, guide = make_table_model(loc, scale, x)
@@ -289,6 +312,7 @@ def test_batching_errors():
 
 
 def test_site_specific_scale_is_an_error():
+    """Refuse site-specific poutine.scale factors."""
     loc, scale, x = table_problem(20, 2)
 
     def model():

@@ -1,5 +1,7 @@
-"""DecomposedELBO: identity with the ELBO, the minibatch estimators against dense brute force, the
-Pyro contract, schedules, gradients, memory and the errors of every bad input.
+"""Tests of DecomposedELBO: the loss, its terms, the Pyro contract and its errors.
+
+Identity with the ELBO, the minibatch estimators against dense brute force, the Pyro contract,
+schedules, gradients, memory and the errors of every bad input.
 
 The synthetic problem is an amortized guide given as a fixed table of per-point Gaussian
 posteriors ``q(z | x_n) = N(loc_n, diag scale_n^2)`` whose means are correlated across dimensions
@@ -22,7 +24,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBOModule
 
-from pyro_vi_ext.infer import _aggregate, _code_layout, _kernels
+from pyro_vi_ext.infer import _aggregate
 from pyro_vi_ext.infer.decomposed import TERMS, DecomposedELBO
 
 ESTIMATORS = ("mss", "mws")
@@ -30,8 +32,11 @@ ESTIMATORS = ("mss", "mws")
 
 @pytest.fixture(autouse=True)
 def _single_intra_op_thread():
-    """One intra-op thread: the pairwise kernels run many mid-sized ops, and on a shared 2-core
-    box OpenMP threads waiting on each other slow them down by an order of magnitude."""
+    """Run each test with one intra-op thread.
+
+    The pairwise kernels run many mid-sized ops, and on a shared 2-core box OpenMP threads waiting
+    on each other slow them down by an order of magnitude.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -40,8 +45,11 @@ def _single_intra_op_thread():
 
 # ----------------------------------------------------------------------------------- problems
 def table_problem(n: int, d: int, rho: float = 0.7, scale: float = 0.3, seed: int = 0):
-    """``(loc [n, d], scale [n, d], x [n, d])``: posterior means with correlation ``rho`` between
-    every pair of dimensions, scales in ``scale * [0.5, 1.5)``, data near the means."""
+    """Return ``(loc [n, d], scale [n, d], x [n, d])`` of a table of Gaussian posteriors.
+
+    Posterior means with correlation ``rho`` between every pair of dimensions, scales in
+    ``scale * [0.5, 1.5)``, data near the means.
+    """
     gen = torch.Generator().manual_seed(seed)
     cov = (1 - rho) * torch.eye(d) + rho * torch.ones(d, d)
     loc = torch.randn(n, d, generator=gen) @ torch.linalg.cholesky(cov).T
@@ -75,9 +83,12 @@ def make_table_model(loc, scale, x, capture: list | None = None, learnable: bool
 
 
 def dense_terms(z, loc, scale, n_data: int, estimator: str) -> dict[str, float]:
-    """Brute force of the minibatch decomposition: ``z`` ``[S, B, D]`` drawn for the batch whose
-    posteriors are ``loc``, ``scale`` ``[B, D]``; the full dense ``[S, B, B, D]`` tensor and the
-    dense ``B x B`` weight matrix. Per data point (mean over points and particles)."""
+    """Compute the minibatch decomposition by brute force, per data point.
+
+    ``z`` ``[S, B, D]`` is drawn for the batch whose posteriors are ``loc``, ``scale`` ``[B, D]``;
+    the full dense ``[S, B, B, D]`` tensor and the dense ``B x B`` weight matrix are used. Terms
+    are means over points and particles.
+    """
     num_particles, b, d = z.shape
     pair = torch.distributions.Normal(loc, scale).log_prob(z[:, :, None, :]).double()
     if estimator == "mss":
@@ -105,6 +116,7 @@ def dense_terms(z, loc, scale, n_data: int, estimator: str) -> dict[str, float]:
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("batch_size", [None, 7], ids=["full", "minibatch"])
 def test_unit_weights_is_trace_elbo_on_the_same_samples(estimator, batch_size):
+    """Equal Trace_ELBO in value and gradient with unit weights on the same draws."""
     loc, scale, x = table_problem(30, 4)
     model, guide = make_table_model(loc, scale, x, learnable=True)
     loss = DecomposedELBO(aggregate=estimator, max_plate_nesting=1, dataset_size=30)
@@ -147,6 +159,7 @@ def test_unit_weights_give_trace_elbo_in_expectation():
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_weighted_loss_is_the_weighted_sum_of_the_reported_terms(estimator):
+    """Make the loss the weighted sum of the reported terms."""
     loc, scale, x = table_problem(50, 3)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(alpha=0.5, beta=4.0, gamma=2.0, aggregate=estimator, num_particles=3)
@@ -167,6 +180,7 @@ def test_weighted_loss_is_the_weighted_sum_of_the_reported_terms(estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
+    """Match the dense brute force of both estimators, chunked or not."""
     n, b = 200, 16
     loc, scale, x = table_problem(n, 4)
     capture = []
@@ -181,103 +195,14 @@ def test_minibatch_terms_match_dense_brute_force(estimator, chunk_size):
         assert loss.last_terms[name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
 
 
-def test_mss_weight_matrix_rows_sum_to_one():
-    b, n = 9, 1000
-    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, torch.float64)
-    w = log_w.exp()
-    torch.testing.assert_close(w.sum(-1), torch.ones(b, dtype=torch.float64))
-    torch.testing.assert_close(w.diagonal(), torch.full((b,), 1.0 / n, dtype=torch.float64))
-    stratum = w[torch.arange(b), (torch.arange(b) + 1) % b]
-    torch.testing.assert_close(stratum, torch.full((b,), (n - b + 1) / (n * (b - 1.0))).double())
-    # the reference code fills the first column instead of the diagonal: rows then do not sum to 1
-    reference = torch.full((b, b), 1.0 / (b - 1))
-    reference.view(-1)[::b] = 1.0 / n
-    assert not torch.allclose(reference.sum(-1), torch.ones(b))
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["normal-kernel", "general"])
-def test_mss_index_code_mi_never_exceeds_log_n(fast):
-    """The own point has weight 1/N, so every sample's MI estimate is at most log N, even for a
-    guide whose posteriors do not overlap (where the popular per-dimension bug exceeds it)."""
-    n, b, d = 5000, 64, 6
-    loc = torch.randn(b, d) * 50.0
-    scale = torch.full((b, d), 0.01)
-    fn = dist.Normal(loc.expand(2, b, d), scale.expand(2, b, d)).to_event(1)
-    z = fn.rsample()
-    block = _code_layout.CodeBlock("z", z, fn, 1)
-    joint, marg = _aggregate.minibatch_log_aggregate([block], "mss", n, fast=fast)
-    mi = fn.log_prob(z) - joint
-    assert float(mi.max()) <= math.log(n) + 1e-4
-    assert float(mi.min()) > math.log(n) - 0.01  # posteriors disjoint: MI is log N
-    # the popular bug adds log W to every dimension of the joint: MI far above log N
-    pair = dist.Normal(loc, scale).log_prob(z[:, :, None, :])
-    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, z.dtype)
-    buggy_joint = torch.logsumexp((pair + log_w[..., None]).sum(-1), -1)
-    assert float((fn.log_prob(z) - buggy_joint).min()) > math.log(n) + 10
-
-
-@pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize("num_particles, chunk", [(1, None), (3, 5)])
-def test_normal_kernel_matches_general_path_values_and_gradients(estimator, num_particles, chunk):
-    torch.set_default_dtype(torch.float64)
-    b, d, n = 23, 4, 300
-    loc0 = torch.randn(b, d, requires_grad=True)
-    log_scale0 = (0.3 * torch.randn(b, d) - 0.7).requires_grad_(True)
-    grads = []
-    for fast in (True, False):
-        fn = dist.Normal(
-            loc0.expand(num_particles, b, d), log_scale0.exp().expand(num_particles, b, d)
-        ).to_event(1)
-        pyro.set_rng_seed(3)
-        z = fn.rsample()
-        joint, marg = _aggregate.minibatch_log_aggregate(
-            [_code_layout.CodeBlock("z", z, fn, 1)], estimator, n, chunk, fast=fast
-        )
-        weights = torch.linspace(-1, 2, joint.numel()).reshape(joint.shape)
-        objective = (joint * weights).sum() + (marg * marg.detach().sin()).sum()
-        grads.append((joint, marg, *torch.autograd.grad(objective, [loc0, log_scale0])))
-    for fast_value, general_value in zip(*grads, strict=True):
-        torch.testing.assert_close(fast_value, general_value, rtol=1e-9, atol=1e-9)
-
-
-def test_normal_kernel_gradcheck():
-    torch.set_default_dtype(torch.float64)
-    z = torch.randn(2, 6, 3, requires_grad=True)
-    loc = torch.randn(1, 6, 3, requires_grad=True)  # shared by the particles
-    scale = (torch.rand(1, 6, 3) + 0.3).requires_grad_(True)
-    for mss in (True, False):
-        assert torch.autograd.gradcheck(
-            lambda z, m, s, mss=mss: _kernels.NormalMinibatchAggregate.apply(z, m, s, 40, mss, 4),
-            (z, loc, scale),
-        )
-
-
-def test_overflowing_density_ratio_falls_back_to_log_sum_exp():
-    """Point 1's sample lies 13 standard deviations from its own mean, right on the narrow point 0:
-    ``q(z_1 | x_0) / q(z_1 | x_1)`` ~ e^95 overflows the shifted sums of the Normal kernel, so the
-    general log-sum-exp path must take over (finite, equal to brute force)."""
-    n, b = 100, 4
-    loc = torch.tensor([[0.0], [390.0], [5.0], [9.0]])
-    scale = torch.tensor([[1e-3], [30.0], [1.0], [1.0]])
-    z = torch.tensor([[[0.0], [0.0], [5.0], [9.0]]])
-    fn = dist.Normal(loc.expand(1, b, 1), scale.expand(1, b, 1)).to_event(1)
-    block = _code_layout.CodeBlock("z", z, fn, 1)
-    columns = _kernels.canonical_normal([block])
-    raw, _ = _kernels.NormalMinibatchAggregate.apply(z, *columns, n, True, b)
-    assert not torch.isfinite(raw).all()  # the kernel alone overflows here
-    joint, marg = _aggregate.minibatch_log_aggregate([block], "mss", n)
-    pair = dist.Normal(loc.double(), scale.double()).log_prob(z.double()[:, :, None, :])
-    log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, torch.float64)
-    expected = torch.logsumexp(pair.sum(-1) + log_w, -1)
-    assert torch.isfinite(joint).all() and torch.isfinite(marg).all()
-    torch.testing.assert_close(joint.double(), expected, rtol=1e-5, atol=1e-4)
-
-
 # ------------------------------------------------------------------------ guides and layouts
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_multivariate_normal_guide_uses_exact_marginals(estimator):
-    """A diagonal MultivariateNormal draws the same samples as the factorized Normal and must give
-    the same terms; a full-covariance one matches brute force with Normal(loc, sqrt(Sigma_dd))."""
+    """Check MultivariateNormal codes against the factorized Normal and brute force.
+
+    A diagonal MultivariateNormal draws the same samples as the factorized Normal and must give
+    the same terms; a full-covariance one matches brute force with Normal(loc, sqrt(Sigma_dd)).
+    """
     n, b, d = 60, 10, 3
     loc, scale, x = table_problem(n, d)
     model, guide = make_table_model(loc, scale, x)
@@ -326,6 +251,7 @@ def test_multivariate_normal_guide_uses_exact_marginals(estimator):
 
 
 def test_low_rank_multivariate_normal_guide_matches_brute_force():
+    """Match brute force for a LowRankMultivariateNormal code."""
     n, b, d = 40, 8, 3
     loc, scale, x = table_problem(n, d)
     model, _ = make_table_model(loc, scale, x)
@@ -351,8 +277,11 @@ def test_low_rank_multivariate_normal_guide_matches_brute_force():
 
 
 def test_several_code_sites_are_concatenated_in_any_plate_layout():
-    """Two code sites: ``a`` ([D1] event) and ``b`` (univariate, in an inner plate over dims, with
-    the data plate at dim -2 in the model), concatenated into one code of D1 + D2 dims."""
+    """Concatenate two code sites into one code of D1 + D2 dims.
+
+    ``a`` has a [D1] event and ``b`` is univariate, in an inner plate over dims, with the data
+    plate at dim -2 in the model.
+    """
     n, bsz, d1, d2 = 80, 12, 2, 3
     gen = torch.Generator().manual_seed(3)
     loc_a, loc_b = torch.randn(n, d1, generator=gen), torch.randn(n, d2, generator=gen)
@@ -409,6 +338,7 @@ def test_dataset_size_overrides_the_plate_size():
 
 
 def test_unsubsampled_plate_warns_once_that_n_is_the_batch():
+    """Warn once that N is the batch size when the plate is not subsampled."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(max_plate_nesting=1)
@@ -422,6 +352,7 @@ def test_unsubsampled_plate_warns_once_that_n_is_the_batch():
 
 
 def test_global_latents_without_subsampling_count_as_reconstruction():
+    """Count global latents as reconstruction when the plate is not subsampled."""
     n, d = 25, 2
     loc, scale, x = table_problem(n, d)
 
@@ -450,6 +381,7 @@ def test_global_latents_without_subsampling_count_as_reconstruction():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("beta", [1.0, 4.0])
 def test_loss_methods_agree(estimator, beta):
+    """Agree between loss, loss_and_grads and differentiable_loss."""
     n = 40
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
@@ -475,6 +407,7 @@ def test_loss_methods_agree(estimator, beta):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_svi_elbo_module_and_torch_optimizer(estimator):
+    """Train through SVI and through ELBOModule with a torch optimizer."""
     n = 30
     loc, scale, x = table_problem(n, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
@@ -501,6 +434,7 @@ def test_svi_elbo_module_and_torch_optimizer(estimator):
 
 
 def test_loss_terms_returns_the_terms_without_gradients():
+    """Return the terms without building a graph."""
     loc, scale, x = table_problem(30, 3)
     model, guide = make_table_model(loc, scale, x, learnable=True)
     loss = DecomposedELBO(beta=2.0)
@@ -512,6 +446,7 @@ def test_loss_terms_returns_the_terms_without_gradients():
 
 
 def test_weights_can_be_schedules_of_the_step():
+    """Evaluate callable weights at the step given to set_step."""
     loc, scale, x = table_problem(30, 3)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(beta=lambda step: 1.0 + step, gamma=2.0, max_plate_nesting=1)
@@ -530,8 +465,11 @@ def test_weights_can_be_schedules_of_the_step():
 
 # ----------------------------------------------------------------------------------- gradients
 def _rotation_problem(n: int = 256, seed: int = 0):
-    """Posterior means ``(u1, rho u1 + sqrt(1 - rho^2) u2)`` with ``rho = tanh(theta)``: the
-    aggregate posterior's TC grows with ``|rho|``; ``theta`` is the guide's only parameter."""
+    """Return a model and a guide whose posterior means are correlated by ``rho``.
+
+    Posterior means ``(u1, rho u1 + sqrt(1 - rho^2) u2)`` with ``rho = tanh(theta)``: the
+    aggregate posterior's TC grows with ``|rho|``; ``theta`` is the guide's only parameter.
+    """
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(n, 2, generator=gen)
     x = torch.randn(n, 2, generator=gen)
@@ -554,6 +492,7 @@ def _rotation_problem(n: int = 256, seed: int = 0):
 
 
 def test_total_correlation_gradient_pushes_a_correlated_guide_toward_independence():
+    """Push a correlated guide toward independence through the TC gradient."""
     model, guide = _rotation_problem()
     pyro.param("theta", torch.tensor(1.0))  # rho = 0.76
     theta = pyro.param("theta").unconstrained()
@@ -585,9 +524,12 @@ def test_total_correlation_gradient_pushes_a_correlated_guide_toward_independenc
 
 # -------------------------------------------------------------------------------------- memory
 def test_batch_2048_dim_10_step_fits_well_under_a_gigabyte():
-    """Peak resident memory during one loss_and_grads step at B = 2048, D = 10, over the resident
-    memory just before it (a dense [B, B, D] float32 tensor alone is 168 MB, and autograd through
-    a dense log-sum-exp keeps several; see bench/bench_decomposed.py)."""
+    """Bound the peak resident memory of one loss_and_grads step at B = 2048, D = 10.
+
+    Measured over the resident memory just before the step (a dense [B, B, D] float32 tensor alone
+    is 168 MB, and autograd through a dense log-sum-exp keeps several; see
+    bench/bench_decomposed.py).
+    """
     code = textwrap.dedent(
         """
         import ctypes, gc, torch, pyro, pyro.distributions as dist
@@ -627,6 +569,7 @@ def test_batch_2048_dim_10_step_fits_well_under_a_gigabyte():
 
 # --------------------------------------------------------------------------------------- errors
 def test_non_factorized_guide_site_is_named():
+    """Name a code site whose distribution has no per-dimension marginals."""
     n = 20
     x = torch.rand(n, 3)
 
@@ -644,6 +587,7 @@ def test_non_factorized_guide_site_is_named():
 
 
 def test_code_site_without_rsample_is_named():
+    """Name a code site without rsample."""
     x = torch.randn(20)
 
     def model(batch_size=None):
@@ -660,8 +604,11 @@ def test_code_site_without_rsample_is_named():
 
 
 def test_batch_of_one_is_an_error_for_both_estimators():
-    """MSS needs the other points; MWS on one point reports only the paper's constants (issue 13:
-    a negative dimension-wise KL), so both refuse a batch of one."""
+    """Refuse a batch of one with either estimator.
+
+    MSS needs the other points; MWS on one point reports only the paper's constants (issue 13: a
+    negative dimension-wise KL).
+    """
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match="Batch size 1 with estimator='mss'"):
@@ -671,6 +618,7 @@ def test_batch_of_one_is_an_error_for_both_estimators():
 
 
 def test_batch_larger_than_dataset_is_an_error():
+    """Refuse a batch larger than the dataset, naming both sizes."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match="B = 20 .* exceeds the dataset size N = 10"):
@@ -678,6 +626,7 @@ def test_batch_larger_than_dataset_is_an_error():
 
 
 def test_no_code_site_is_an_error():
+    """Refuse a guide without a code, or unknown code sites and plates."""
     x = torch.randn(10)
 
     def model():
@@ -699,6 +648,7 @@ def test_no_code_site_is_an_error():
 
 
 def test_latent_outside_a_subsampled_data_plate_is_an_error():
+    """Refuse latents outside a subsampled data plate, naming them."""
     loc, scale, x = table_problem(20, 2)
 
     def model(batch_size=None):
@@ -719,6 +669,7 @@ def test_latent_outside_a_subsampled_data_plate_is_an_error():
 
 
 def test_masked_code_site_is_an_error():
+    """Refuse a masked code site."""
     loc, scale, x = table_problem(20, 2)
     model, _ = make_table_model(loc, scale, x)
 
@@ -745,11 +696,13 @@ def test_masked_code_site_is_an_error():
     ],
 )
 def test_bad_arguments(kwargs, error, match):
+    """Refuse bad constructor arguments, naming them."""
     with pytest.raises(error, match=match):
         DecomposedELBO(**kwargs)
 
 
 def test_schedule_giving_a_non_finite_weight_is_an_error():
+    """Refuse a schedule that gives a non-finite weight, naming the step."""
     loc, scale, x = table_problem(20, 2)
     model, guide = make_table_model(loc, scale, x)
     loss = DecomposedELBO(alpha=lambda step: float("inf") if step > 2 else 1.0)
