@@ -8,6 +8,7 @@ torch optimizer); :func:`fit` trains any model and guide over a dataset; the dia
 
 from pyro_vi_ext.diagnostics import (
     importance_resample,
+    inference_gaps,
     log_evidence,
     psis_diagnostic,
     to_inference_data,
@@ -33,6 +34,7 @@ __all__ = [
     "elbo_surgery",
     "fit",
     "importance_resample",
+    "inference_gaps",
     "load_checkpoint",
     "log_evidence",
     "plot_history",

@@ -7,10 +7,14 @@
 * :func:`log_evidence`: importance-sampled :math:`\\log p(x)` with a standard error;
 * :func:`importance_resample`: posterior draws resampled by importance weight;
 * :func:`iw_bound_curve`, :func:`plot_bound_vs_k`, :func:`plot_khat`: bounds versus ``K`` and
-  k-hat across the dataset, with matplotlib.
+  k-hat across the dataset, with matplotlib;
+* :func:`inference_gaps`, :func:`plot_inference_gaps`: per data point, the approximation and
+  amortization gaps of an amortized guide (Cremer et al. 2018).
 """
 
 from pyro_vi_ext.diagnostics.arviz_export import to_inference_data
+from pyro_vi_ext.diagnostics.gap_plots import plot_inference_gaps
+from pyro_vi_ext.diagnostics.gaps import InferenceGaps, inference_gaps
 from pyro_vi_ext.diagnostics.importance import (
     BoundCurve,
     EvidenceResult,
@@ -29,15 +33,18 @@ from pyro_vi_ext.diagnostics.plots import plot_bound_curve, plot_bound_vs_k, plo
 __all__ = [
     "BoundCurve",
     "EvidenceResult",
+    "InferenceGaps",
     "PSISResult",
     "ResampledPosterior",
     "bound_curve_from_log_weights",
     "importance_resample",
+    "inference_gaps",
     "iw_bound_curve",
     "khat_threshold",
     "log_evidence",
     "plot_bound_curve",
     "plot_bound_vs_k",
+    "plot_inference_gaps",
     "plot_khat",
     "psis_diagnostic",
     "psis_from_log_weights",
