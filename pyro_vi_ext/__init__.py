@@ -13,6 +13,7 @@ from pyro_vi_ext.diagnostics import (
     psis_diagnostic,
     to_inference_data,
 )
+from pyro_vi_ext.infer.closed_form import ClosedFormELBO
 from pyro_vi_ext.infer.decomposed import DecomposedELBO, SurgeryResult, elbo_surgery
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
 from pyro_vi_ext.training import (
@@ -26,6 +27,7 @@ from pyro_vi_ext.training import (
 
 __all__ = [
     "Callback",
+    "ClosedFormELBO",
     "DecomposedELBO",
     "EarlyStopping",
     "FitResult",
