@@ -294,9 +294,11 @@ def _normal_parts(site_name: str, fn: Distribution) -> tuple[Normal, int]:
 class _SiteFamily:
     """Free per-point parameters of one guide site and the distribution they define."""
 
-    def __init__(self, name: str, fn: Distribution, family: str):
+    def __init__(self, name: str, fn: Distribution, family: str, start: _SiteFamily | None = None):
         base, event_dim = _normal_parts(name, fn)
         loc, scale = torch.broadcast_tensors(base.loc.detach(), base.scale.detach())
+        if start is not None:  # a fitted factorized member: the richer family starts there
+            loc, scale = start.loc.detach(), start.log_scale.detach().exp()
         self.name = name
         self.family = family
         self.event_dim = event_dim
@@ -375,7 +377,9 @@ def _plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) 
     return -min(dims) if dims else 0
 
 
-def _site_families(call: _Call, family: str) -> dict[str, _SiteFamily]:
+def _site_families(
+    call: _Call, family: str, start: dict[str, _SiteFamily] | None = None
+) -> dict[str, _SiteFamily]:
     with poutine.block(), torch.no_grad():
         trace = poutine.trace(call.guide).get_trace(*call.args, **call.kwargs)
     trace = prune_subsample_sites(trace)
@@ -388,7 +392,7 @@ def _site_families(call: _Call, family: str) -> dict[str, _SiteFamily]:
                 f"Guide site '{name}' ({type(site['fn']).__name__}) has no rsample; the per-point "
                 "fit optimizes reparameterized ELBO estimates and needs a Normal guide site."
             )
-        families[name] = _SiteFamily(name, site["fn"], family)
+        families[name] = _SiteFamily(name, site["fn"], family, (start or {}).get(name))
     if not families:
         raise ValueError("The guide has no latent sample site: there is no gap to decompose.")
     return families
@@ -558,7 +562,8 @@ def inference_gaps(
       ELBO is maximized with Adam on ``num_fit_particles`` reparameterized draws per step, up to
       ``max_steps`` steps with a plateau test every ``check_every`` steps (see ``tolerance``);
     * optionally, with ``richer_family="full_covariance"``, the same for
-      ``MultivariateNormal(loc, scale_tril)`` per point and site (started at the diagonal).
+      ``MultivariateNormal(loc, scale_tril)`` per point and site, started at the fitted best
+      factorized member (so its fit can only improve on it, up to Monte Carlo noise).
 
     Then approximation gap :math:`= \log p(x_n) - \max_{\mathcal Q}`, amortization gap
     :math:`= \max_{\mathcal Q} - \mathrm{ELBO}(q_\phi)`. Each ELBO is re-estimated after the fit
@@ -759,9 +764,11 @@ def _chunk_gaps(
     fits = [("family", "factorized")]
     if richer_family is not None:
         fits.append(("richer", richer_family))
+    fitted_family: dict[str, _SiteFamily] | None = None
     for label, family in fits:
-        families = _site_families(call, family)
+        families = _site_families(call, family, start=fitted_family)
         converged, steps = _fit(call, families, settings)
+        fitted_family = families
         fitted = _SubstituteGuideSites(families)(call.guide)
         guides[label] = fitted
         draws = _elbo_draws(call, fitted, num_elbo_samples, sample_chunk_size)
