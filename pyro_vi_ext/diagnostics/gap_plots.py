@@ -28,6 +28,9 @@ _COLORS = {
 }
 
 
+_MAX_LABELLED = 40  # more bars than this: no point labels on the x axis
+
+
 def _axes(ax):
     if ax is None:
         import matplotlib.pyplot as plt
@@ -40,10 +43,10 @@ def plot_inference_gaps(gaps: InferenceGaps, kind: str = "bars", ax=None, max_po
     r"""Plot the inference gap of each data point split into its parts [1]_.
 
     ``kind="bars"``: one stacked bar per point (the ``max_points`` points with the largest
-    inference gap, largest first): approximation gap at the bottom, amortization gap on top; with
-    a richer family the approximation gap is split into the part the richer family closes and
-    the part it leaves. ``kind="hist"``: histograms of the approximation and amortization gaps
-    across all points.
+    inference gap, largest first, labelled by their index when at most 40): approximation gap
+    at the bottom, amortization gap on top; with a richer family the approximation gap is split
+    into the part the richer family closes and the part it leaves. ``kind="hist"``: histograms
+    of the approximation and amortization gaps across all points.
 
     Parameters
     ----------
@@ -121,8 +124,9 @@ def plot_inference_gaps(gaps: InferenceGaps, kind: str = "bars", ax=None, max_po
         color=_COLORS["amortization"],
         label="amortization gap",
     )
-    ax.set_xticks(positions)
-    ax.set_xticklabels([str(i) for i in order], rotation=90, fontsize=7)
+    ax.set_xticks(positions if len(order) <= _MAX_LABELLED else [])
+    if len(order) <= _MAX_LABELLED:
+        ax.set_xticklabels([str(i) for i in order], rotation=90, fontsize=7)
     ax.set_xlabel("data point (sorted by inference gap)")
     ax.set_ylabel("nats")
     ax.legend()

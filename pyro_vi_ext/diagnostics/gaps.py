@@ -688,11 +688,15 @@ def inference_gaps(
     merged = {name: np.concatenate(parts) for name, parts in columns.items()}
     khat = merged.get("evidence_khat")
     if khat is not None and np.any(khat > 0.7):
+        advice = (
+            "Raise num_evidence_samples, and read those points' approximation gaps as lower bounds."
+            if evidence_proposal == "richer"
+            else "Fit a richer family (richer_family='full_covariance'), the default proposal then."
+        )
         warnings.warn(
             f"The evidence proposal ('{evidence_proposal}') has PSIS k-hat above 0.7 for "
-            f"{int(np.sum(khat > 0.7))} of {len(khat)} points: log p(x), and hence the "
-            "approximation gap, is unreliable there (biased low). Fit a richer family "
-            "(richer_family='full_covariance') and use it as the proposal.",
+            f"{int(np.sum(khat > 0.7))} of {len(khat)} points (see evidence_khat): log p(x), "
+            f"and hence the approximation gap, is unreliable there (biased low). {advice}",
             UserWarning,
             stacklevel=2,
         )
