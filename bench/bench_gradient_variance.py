@@ -220,7 +220,7 @@ def _make_toy_guide(a0: float, b_offset: float, s0: float, normal: type) -> Call
 
 
 def toy_problem(state: str = "mis-fit guide", seed: int = 0) -> Problem:
-    """The linear-Gaussian toy at one of :data:`TOY_STATES` (the param store is cleared)."""
+    """Build the linear-Gaussian toy at one of :data:`TOY_STATES` (clears the param store)."""
     pyro.clear_param_store()
     generator = torch.Generator().manual_seed(seed)
     x = TOY_MU + math.sqrt(2.0) * torch.randn(TOY_POINTS, TOY_DIM, generator=generator)
@@ -260,7 +260,7 @@ def _score_vae_guide(vae: VAE) -> Callable:
 
 
 def train_digits_vae(num_steps: int, loss: ELBO | None = None, name: str = "vae") -> VAE:
-    """The notebook-01 VAE (64-200-10, Bernoulli) trained ``num_steps`` steps on digits."""
+    """Train the notebook-01 VAE (64-200-10, Bernoulli) for ``num_steps`` steps on digits."""
     from pyro_vi_ext.training import fit
 
     x_train, _ = digits_data()

@@ -38,11 +38,13 @@ FAST_FIT = dict(
 
 @pytest.fixture(scope="module")
 def ppca():
+    """PPCA with a 2-D code and strongly correlated loadings (posterior correlation -0.94)."""
     return build_ppca(x_dim=5, z_dim=2, noise_scale=0.5, column_correlation=0.9, seed=0)
 
 
 @pytest.fixture(scope="module")
 def data(ppca):
+    """Draw data points from the model's own evidence."""
     return ppca.sample(NUM_POINTS, seed=1)
 
 
@@ -55,6 +57,7 @@ def _misscaled_guide(ppca):
 
 @pytest.fixture(scope="module")
 def gaps(ppca, data) -> InferenceGaps:
+    """Decompose the mis-scaled encoder's gaps, with the full-covariance family."""
     pyro.set_rng_seed(0)
     return inference_gaps(
         ppca.model,
@@ -71,12 +74,14 @@ def _within(estimate: float, exact: float, se: float, slack: float = 0.0) -> boo
 
 
 def test_log_evidence_matches_closed_form_per_point(ppca, data, gaps):
+    """Importance-sampled log p(x_n) is the Gaussian evidence, point by point."""
     exact = ppca.log_evidence(data).numpy()
     assert gaps.log_evidence.shape == (NUM_POINTS,)
     assert np.all(np.abs(gaps.log_evidence - exact) <= 4.0 * gaps.log_evidence_se + 1e-6)
 
 
 def test_approximation_gap_matches_closed_form(ppca, gaps):
+    """Mean approximation gap equals (sum log Lambda_jj - log det Lambda) / 2."""
     exact = float(ppca.approximation_gap())
     assert exact > 0.5  # the correlated posterior makes the test meaningful
     mean, se = gaps.table()["approximation gap"]
@@ -84,6 +89,7 @@ def test_approximation_gap_matches_closed_form(ppca, gaps):
 
 
 def test_amortization_gap_of_misscaled_encoder_matches_closed_form(ppca, data, gaps):
+    """The encoder's gap to the best factorized member equals its closed form."""
     best = ppca.gaussian_elbo(
         data, ppca.posterior_mean(data), torch.diag(ppca.best_factorized_scale() ** 2)
     )
@@ -100,6 +106,7 @@ def test_amortization_gap_of_misscaled_encoder_matches_closed_form(ppca, data, g
 
 
 def test_full_covariance_family_closes_the_approximation_gap(gaps):
+    """The full-covariance fit reaches log p(x): PPCA's posterior is Gaussian."""
     mean, se = gaps.table()["gap left by full_covariance"]
     assert -4.0 * se <= mean <= 4.0 * se + FIT_TOLERANCE, (mean, se)
     assert gaps.fraction_closed == pytest.approx(1.0, abs=0.01)
@@ -108,6 +115,7 @@ def test_full_covariance_family_closes_the_approximation_gap(gaps):
 
 
 def test_bounds_are_ordered(gaps):
+    """ELBO < IWAE_10 < log p(x), and the two gaps sum to the inference gap."""
     table = gaps.table()
     log_p = table["log p(x)"][0]
     iwae = table["IWAE (K=10), amortized"][0]
@@ -118,6 +126,7 @@ def test_bounds_are_ordered(gaps):
 
 
 def test_table_repr_string_and_plots(gaps):
+    """Table text, short repr, stacked bars (3 per point) and the histogram."""
     text = str(gaps)
     assert "approximation gap" in text and "closes" in text
     assert repr(gaps).startswith("InferenceGaps(points=24, approximation_gap=")
@@ -130,6 +139,7 @@ def test_table_repr_string_and_plots(gaps):
 
 
 def test_exact_encoder_has_no_amortization_gap(ppca):
+    """An encoder that outputs the best member has no amortization gap."""
     data = ppca.sample(8, seed=2)
     a, b = ppca.posterior_mean_map()
     guide_scale = ppca.best_factorized_scale()
@@ -150,6 +160,8 @@ def test_exact_encoder_has_no_amortization_gap(ppca):
 
 
 def test_refuses_a_guide_site_that_is_not_normal(ppca, data):
+    """A Laplace guide site is refused with its name."""
+
     def laplace_guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample(
@@ -168,6 +180,8 @@ def test_refuses_a_guide_site_that_is_not_normal(ppca, data):
 
 
 def test_refuses_global_latents():
+    """A model with a global latent has no per-point gaps and is refused."""
+
     def model(x):
         mean = pyro.sample("mean", dist.Normal(0.0, 1.0))
         with pyro.plate("data", x.shape[0]):
@@ -183,6 +197,8 @@ def test_refuses_global_latents():
 
 
 def test_full_covariance_needs_a_vector_latent():
+    """The full-covariance family refuses a scalar latent site."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -206,6 +222,7 @@ def test_full_covariance_needs_a_vector_latent():
 
 
 def test_rejects_bad_arguments(ppca, data):
+    """Invalid options fail before any computation, naming the option."""
     guide = _misscaled_guide(ppca)
     with pytest.raises(ValueError, match="richer_family"):
         inference_gaps(ppca.model, guide, data, richer_family="flow")

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture
 def x():
+    """Toy data drawn from the evidence N(mu, 2 I)."""
     return toy_data(N, D, MU)
 
 
@@ -56,7 +57,7 @@ def _params():
 
 
 def _hand_estimate(form, x, a, b, s, z, subsample_factor=1.0, prior_scale=1.0):
-    """The estimator written out: draws z = m + s * eps with eps recovered from the guide's z."""
+    """Write the estimator out: draws z = m + s * eps with eps recovered from the guide's z."""
     m = a * x + b
     eps = ((z - m) / s).detach()
     z = m + s * eps  # the same values, differentiable in (A, b, s) as the guide's were
@@ -78,6 +79,7 @@ def _guide_draws(guide, num_particles, *args):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_same_draws_value_and_gradients(form, x):
+    """On the guide's own draws the loss is the hand-written estimate, value and gradients."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ClosedFormELBO(form=form, num_particles=7, max_plate_nesting=1)
     pyro.set_rng_seed(11)
@@ -96,6 +98,7 @@ def test_same_draws_value_and_gradients(form, x):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_subsampled_minibatch_is_scaled_after_the_per_point_terms(form):
+    """A minibatch of B of N points is scaled by N / B."""
     x = toy_data(12, D, MU, seed=3)
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ClosedFormELBO(form=form, num_particles=5, max_plate_nesting=1)
@@ -131,6 +134,7 @@ def _make_annealed_guide(init):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_site_specific_user_scale_weights_the_latent_terms(form, x):
+    """KL annealing (poutine.scale on z only) weights the latent's terms by beta."""
     # KL annealing: the latent's prior and guide terms carry beta, the likelihood does not
     beta = 0.3
     guide = _make_annealed_guide(toy_guide_params(D, MU, exact=False))
@@ -158,6 +162,7 @@ def _per_point_guide(init, replicates):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_gradient_is_unbiased_for_the_closed_form_gradient(form):
+    """Mean of 4,000 gradient replicates equals the closed-form ELBO's gradient."""
     replicates = 4000
     init = toy_guide_params(D, MU, exact=False)
     x0 = toy_data(1, D, MU, seed=7)
@@ -179,6 +184,7 @@ def test_gradient_is_unbiased_for_the_closed_form_gradient(form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_value_is_the_elbo_in_expectation_like_trace_elbo(form, x):
+    """Both our value and Trace_ELBO's average to the closed-form ELBO."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     ours = ClosedFormELBO(form=form, num_particles=10, max_plate_nesting=1)
     reference = Trace_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=1)
@@ -196,6 +202,7 @@ def test_value_is_the_elbo_in_expectation_like_trace_elbo(form, x):
 
 
 def test_entropy_form_has_trace_elbo_gradient_for_a_gaussian_guide(x):
+    """For a Gaussian guide the entropy form's gradient is Trace_ELBO's, draw by draw."""
     # for q = N(m, s^2) reparameterized, d/dphi [-log q(m + s eps)] = d/dphi H[q] exactly: the
     # closed-form entropy changes the value's noise, not the gradient
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
@@ -214,6 +221,7 @@ def test_entropy_form_has_trace_elbo_gradient_for_a_gaussian_guide(x):
 
 
 def test_loss_and_grads_and_svi_agree_with_differentiable_loss(x):
+    """loss, loss_and_grads and SVI follow differentiable_loss."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ClosedFormELBO(form="kl", num_particles=3, max_plate_nesting=1)
     pyro.set_rng_seed(4)
@@ -238,6 +246,8 @@ def test_loss_and_grads_and_svi_agree_with_differentiable_loss(x):
 
 
 def test_guide_site_without_rsample_is_refused(x):
+    """A guide site without rsample is refused with its name."""
+
     def guide(x, mu):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", NonReparamNormal(x / 2, 0.7).to_event(1))
@@ -247,6 +257,8 @@ def test_guide_site_without_rsample_is_refused(x):
 
 
 def test_missing_entropy_names_the_site(x):
+    """A guide distribution without closed-form entropy is refused with its name."""
+
     def guide(x, mu):
         with pyro.plate("data", x.shape[0]):
             base = dist.Normal(x / 2, 0.7)
@@ -262,6 +274,8 @@ def test_missing_entropy_names_the_site(x):
 
 
 def test_missing_kl_names_the_site_and_the_pair(x):
+    """A guide/prior pair without registered KL is refused with both names."""
+
     def heavy_model(x, mu):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.StudentT(3.0, mu, 1.0).to_event(1))
@@ -277,6 +291,7 @@ def test_missing_kl_names_the_site_and_the_pair(x):
 
 
 def test_invalid_form():
+    """An unknown form is refused."""
     with pytest.raises(ValueError, match="form must be one of"):
         ClosedFormELBO(form="analytic")
 
@@ -295,6 +310,7 @@ def _variance(state, label, repeats=100):
 
 
 def test_reparameterized_gradient_is_below_score_function():
+    """Reparameterized MC is far less noisy than the score function."""
     reparam = _variance("mis-fit guide", "reparam MC")
     score = _variance("mis-fit guide", "score function")
     # the trace of the covariance estimated from 100 draws is within ~30%: a factor 5 is safe
@@ -302,6 +318,7 @@ def test_reparameterized_gradient_is_below_score_function():
 
 
 def test_stl_and_dreg_have_zero_variance_at_the_exact_posterior():
+    """STL and DReG have exactly zero guide-gradient variance at the posterior."""
     reparam = _variance("exact posterior", "reparam MC")
     assert reparam.trace_covariance["guide"] > 1.0
     for label in ("STL K=1", "DREG K=10"):
@@ -310,6 +327,7 @@ def test_stl_and_dreg_have_zero_variance_at_the_exact_posterior():
 
 
 def test_closed_form_entropy_lowers_the_value_variance_only_away_from_the_posterior():
+    """The entropy form lowers the value's variance only where -log q is noisy."""
     # under-dispersed guide: -log q carries the noise, which the closed form removes
     entropy = _variance("under-dispersed guide", "closed-form entropy")
     reparam = _variance("under-dispersed guide", "reparam MC")
@@ -323,6 +341,7 @@ def test_closed_form_entropy_lowers_the_value_variance_only_away_from_the_poster
 
 
 def test_closed_form_kl_lowers_the_gradient_variance_of_a_misfit_guide():
+    """The analytic KL lowers the gradient variance of a mis-fit guide."""
     kl = _variance("mis-fit guide", "closed-form KL")
     reparam = _variance("mis-fit guide", "reparam MC")
     assert kl.trace_covariance["guide"] * 2 < reparam.trace_covariance["guide"]

@@ -14,6 +14,7 @@ from models.ppca import PPCA, build_ppca, make_linear_gaussian_guide
 
 @pytest.fixture
 def ppca() -> PPCA:
+    """Build a PPCA with a 3-D code and moderately correlated loadings."""
     return build_ppca(x_dim=4, z_dim=3, noise_scale=0.7, column_correlation=0.6, seed=3)
 
 
@@ -25,6 +26,7 @@ def _log_joint(ppca: PPCA, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def test_bayes_identity_ties_evidence_and_posterior(ppca):
+    """Check log p(x) = log p(x, z) - log p(z | x) for arbitrary z."""
     # log p(x) = log p(x, z) - log p(z | x) for every z
     x = ppca.sample(5, seed=0)
     z = torch.randn(5, 3, dtype=torch.float64)
@@ -36,6 +38,7 @@ def test_bayes_identity_ties_evidence_and_posterior(ppca):
 
 
 def test_gaussian_elbo_matches_monte_carlo(ppca):
+    """The closed-form Gaussian ELBO is its Monte Carlo average."""
     x = ppca.sample(3, seed=1)
     generator = torch.Generator().manual_seed(2)
     loc = torch.randn(3, 3, generator=generator, dtype=torch.float64)
@@ -51,6 +54,7 @@ def test_gaussian_elbo_matches_monte_carlo(ppca):
 
 
 def test_best_factorized_gaussian_is_a_stationary_point(ppca):
+    """The ELBO's gradient vanishes at the best factorized Gaussian; its gap is closed form."""
     x = ppca.sample(2, seed=4)
     loc = ppca.posterior_mean(x).clone().requires_grad_(True)
     log_var = (2 * ppca.best_factorized_scale().log()).clone().requires_grad_(True)
@@ -63,6 +67,7 @@ def test_best_factorized_gaussian_is_a_stationary_point(ppca):
 
 
 def test_pyro_model_and_guide_log_densities(ppca):
+    """The Pyro model and guide have the hand-written log-densities."""
     x = ppca.sample(6, seed=5)
     a, b = ppca.posterior_mean_map()
     scale = ppca.best_factorized_scale()
@@ -76,6 +81,7 @@ def test_pyro_model_and_guide_log_densities(ppca):
 
 
 def test_minibatch_convention_scales_by_n_over_b(ppca):
+    """model(x[idx], idx=idx, n_data=N) scales the likelihood by N / B."""
     x = ppca.sample(8, seed=6)
     idx = torch.tensor([1, 5])
     trace = poutine.trace(ppca.model).get_trace(x[idx], idx=idx, n_data=8)
@@ -83,6 +89,7 @@ def test_minibatch_convention_scales_by_n_over_b(ppca):
 
 
 def test_invalid_arguments_are_refused():
+    """Bad correlations, scales and shapes are refused."""
     with pytest.raises(ValueError, match="column_correlation"):
         build_ppca(z_dim=3, column_correlation=-0.9)
     with pytest.raises(ValueError, match="noise_scale"):
