@@ -170,6 +170,35 @@ def test_exact_encoder_has_no_amortization_gap(ppca):
     mean, se = result.table()["amortization gap"]
     assert -4.0 * se - FIT_TOLERANCE <= mean <= 4.0 * se, (mean, se)
     assert result.richer_elbo is None and result.fraction_closed is None
+    ax = result.plot(kind="bars")
+    assert len(ax.patches) == 16  # approximation and amortization bars for 8 points
+
+
+def test_vae_networks_are_left_untouched():
+    """A VAE's encoder and decoder keep their values and get no gradient; shapes are per point."""
+    from models.vae import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(x_dim=6, hidden_dim=8, z_dim=2, name="tiny")
+    x = (torch.rand(5, 6) < 0.4).float()
+    before = [p.detach().clone() for p in vae.parameters()]
+    result = inference_gaps(
+        vae.model,
+        vae.guide,
+        x,
+        richer_family="full_covariance",
+        max_steps=20,
+        check_every=10,
+        num_elbo_samples=20,
+        num_evidence_samples=50,
+        check_evidence_tail=False,
+    )
+    assert result.family_elbo.shape == (5,) and result.richer_elbo.shape == (5,)
+    assert result.evidence_khat is None and not result.family_converged.any()
+    assert np.all(result.family_steps == 20)
+    for param, value in zip(vae.parameters(), before, strict=True):
+        assert param.grad is None
+        torch.testing.assert_close(param.detach(), value)
 
 
 def test_refuses_a_guide_site_that_is_not_normal(ppca, data):
