@@ -14,6 +14,8 @@ runner's minibatch convention ``model(*batch, idx=idx, n_data=n_data)``: local v
   the exact evidence, exact and under-dispersed guides (:func:`build_linear_regression`);
 * :mod:`models.logistic_regression`: Bayesian logistic regression with a mean-field guide and a
   Laplace reference (:func:`build_logistic_regression`);
+* :mod:`models.ppca`: probabilistic PCA with a correlated posterior and closed-form evidence,
+  posterior and Gaussian ELBOs (:func:`build_ppca`, :func:`make_linear_gaussian_guide`);
 * :mod:`models.eight_schools`: eight schools, centered and non-centered, with autoguides
   (:func:`build_eight_schools`).
 
@@ -33,20 +35,24 @@ from models.linear_regression import (
     make_underdispersed_guide,
 )
 from models.logistic_regression import build_logistic_regression, make_logistic_data
+from models.ppca import PPCA, build_ppca, make_linear_gaussian_guide
 from models.vae import VAE, build_vae
 
 __all__ = [
+    "PPCA",
     "VAE",
     "build_beta_tcvae",
     "build_conv_vae",
     "build_eight_schools",
     "build_linear_regression",
     "build_logistic_regression",
+    "build_ppca",
     "build_vae",
     "eight_schools_data",
     "exact_log_evidence",
     "exact_posterior",
     "make_exact_guide",
+    "make_linear_gaussian_guide",
     "make_logistic_data",
     "make_regression_data",
     "make_underdispersed_guide",

@@ -10,10 +10,12 @@ from pyro_vi_ext.diagnostics import (
     SurgeryResult,
     elbo_surgery,
     importance_resample,
+    inference_gaps,
     log_evidence,
     psis_diagnostic,
     to_inference_data,
 )
+from pyro_vi_ext.infer.closed_form import ClosedFormELBO
 from pyro_vi_ext.infer.decomposed import DecomposedELBO
 from pyro_vi_ext.infer.importance_weighted import ImportanceWeightedELBO
 from pyro_vi_ext.infer.renyi import RenyiAlphaELBO
@@ -28,6 +30,7 @@ from pyro_vi_ext.training import (
 
 __all__ = [
     "Callback",
+    "ClosedFormELBO",
     "DecomposedELBO",
     "EarlyStopping",
     "FitResult",
@@ -37,6 +40,7 @@ __all__ = [
     "elbo_surgery",
     "fit",
     "importance_resample",
+    "inference_gaps",
     "load_checkpoint",
     "log_evidence",
     "plot_history",

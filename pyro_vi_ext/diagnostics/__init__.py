@@ -8,10 +8,14 @@ r"""Did it work? Diagnostics of a fitted guide in the terms of ArviZ and Yao et 
 * :func:`importance_resample`: posterior draws resampled by importance weight;
 * :func:`elbo_surgery`: the exact decomposition of the ELBO over a dataset (MI, TC, dim-wise KL);
 * :func:`iw_bound_curve`, :func:`plot_bound_vs_k`, :func:`plot_khat`: bounds versus ``K`` and
-  k-hat across the dataset, with matplotlib.
+  k-hat across the dataset, with matplotlib;
+* :func:`inference_gaps`, :func:`plot_inference_gaps`: per data point, the approximation and
+  amortization gaps of an amortized guide (Cremer et al. 2018).
 """
 
 from pyro_vi_ext.diagnostics.arviz_export import to_inference_data
+from pyro_vi_ext.diagnostics.gap_plots import plot_inference_gaps
+from pyro_vi_ext.diagnostics.gaps import InferenceGaps, inference_gaps
 from pyro_vi_ext.diagnostics.importance import (
     BoundCurve,
     EvidenceResult,
@@ -33,12 +37,14 @@ __all__ = [
     "SURGERY_TERMS",
     "BoundCurve",
     "EvidenceResult",
+    "InferenceGaps",
     "PSISResult",
     "ResampledPosterior",
     "SurgeryResult",
     "bound_curve_from_log_weights",
     "elbo_surgery",
     "importance_resample",
+    "inference_gaps",
     "iw_bound_curve",
     "khat_threshold",
     "log_evidence",
@@ -46,6 +52,7 @@ __all__ = [
     "loo_from_log_weights",
     "plot_bound_curve",
     "plot_bound_vs_k",
+    "plot_inference_gaps",
     "plot_khat",
     "psis_diagnostic",
     "psis_from_log_weights",

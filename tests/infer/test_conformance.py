@@ -33,6 +33,7 @@ SETTINGS = {
         for estimator in ("mss", "mws")
         for beta in (1.0, 4.0)
     ],
+    "ClosedFormELBO": [{"form": form, "num_particles": 3} for form in ("entropy", "kl")],
 }
 
 
