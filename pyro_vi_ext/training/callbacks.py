@@ -95,6 +95,16 @@ class Callback:
 
     rank_consistent: bool = False
 
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints (default: the class's qualified name).
+
+        Override it (a class attribute or a property) when two callbacks of one class carry
+        different state that must not be swapped on resume; repeats of one key are told apart
+        by position (``#2``, ``#3``).
+        """
+        return type(self).__qualname__
+
     def on_fit_start(self, info: FitInfo) -> None:
         """Called once before the first step."""
 
@@ -121,7 +131,13 @@ class _FunctionCallback(Callback):
     def __init__(self, fn: Callable[[StepInfo], bool | None]):
         self.fn = fn
 
+    @property
+    def state_key(self) -> str:
+        """The function's qualified name."""
+        return getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+
     def on_step_end(self, info: StepInfo) -> bool | None:
+        """Call the function."""
         return self.fn(info)
 
     def __repr__(self) -> str:

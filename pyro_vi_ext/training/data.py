@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
+from ._rng import shuffling_seed
+
 __all__ = ["Batch", "DataSource", "as_data_source", "epoch_order", "global_batches", "shard_batch"]
 
 
@@ -33,17 +35,6 @@ class Batch(NamedTuple):
     idx: torch.Tensor
 
 
-def _seed_from(*words: int) -> int:
-    """A 63-bit seed derived from a tuple of non-negative integers (collision resistant)."""
-    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-_ORDER_STREAM = 0x5EED0
-_LOADER_STREAM = 0x10AD
-EVAL_STREAM = 0xE7A1
-
-
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """The order of the rows of an ``n``-row data set in epoch ``epoch`` (a ``torch.long`` tensor).
 
@@ -51,7 +42,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """
     if not shuffle:
         return torch.arange(n)
-    gen = torch.Generator().manual_seed(_seed_from(_ORDER_STREAM, seed, epoch))
+    gen = torch.Generator().manual_seed(shuffling_seed(seed, epoch))
     return torch.randperm(n, generator=gen)
 
 
@@ -125,7 +116,23 @@ class DataSource:
     default_batch_size: int | None
     default_drop_last: bool
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the minibatch of each index tensor in ``index_batches``.
+
+        Parameters
+        ----------
+        index_batches : sequence of torch.Tensor
+            Row indices of each minibatch (``torch.long``, on the CPU).
+        generator_seed : int
+            Seed of a ``DataLoader``'s own generator (see :func:`._rng.loader_seed`).
+
+        Yields
+        ------
+        Batch
+            The rows, as the model and guide receive them.
+        """
         raise NotImplementedError
 
 
@@ -141,7 +148,10 @@ class _TensorSource(DataSource):
         self._full_idx = torch.arange(self.n, device=self.device)
         self._full_idx_cpu = torch.arange(self.n)
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the rows of each index tensor (the full tensors for the full index)."""
         for idx in index_batches:
             if idx.shape[0] == self.n and torch.equal(idx, self._full_idx_cpu):
                 yield Batch(self.args, self.kwargs, self._full_idx)
@@ -168,13 +178,16 @@ class _DatasetSource(DataSource):
         self.default_batch_size = default_batch_size
         self.default_drop_last = default_drop_last
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the collated rows of each index tensor through a ``DataLoader``."""
         if not index_batches:
             return
         lists = [b.tolist() for b in index_batches]
         # A generator of our own: the loader must not draw its worker seed from the global RNG,
         # or a run resumed mid-epoch would diverge from an uninterrupted one.
-        gen = torch.Generator().manual_seed(_seed_from(_LOADER_STREAM, epoch_seed))
+        gen = torch.Generator().manual_seed(generator_seed)
         loader = DataLoader(self.dataset, batch_sampler=lists, generator=gen, **self.loader_kwargs)
         non_blocking = bool(self.loader_kwargs.get("pin_memory", False))
         for idx, collated in zip(index_batches, loader, strict=True):

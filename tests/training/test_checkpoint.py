@@ -140,7 +140,7 @@ def test_checkpoint_content_loads_weights_only(run_and_reference, tmp_path):
     assert set(state["optim"]) == set(result.params)  # one optimizer state per parameter
     assert "scheduler" in state["optim"]["W"]
     np.testing.assert_array_equal(state["history"]["loss"].numpy(), result.history["loss"])
-    assert state["callbacks"][0]["best_step"] >= 10
+    assert state["callbacks"]["EarlyStopping"]["best_step"] >= 10
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic write
 
 

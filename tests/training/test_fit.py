@@ -145,7 +145,7 @@ def test_minibatch_scaling_is_unbiased():
 
     class _Keep(Callback):
         def on_step_end(self, info):
-            losses.append(info.values["loss"])
+            losses.append(info.values["loss_total"])
 
     fit(regression_model, frozen_guide, (x, y), Trace_ELBO(), _adam(), num_epochs=1,
         batch_size=6, callbacks=[_Keep()])  # fmt: skip
@@ -278,18 +278,20 @@ def test_terms_set_step_and_history_arrays():
     result = fit(regression_model, regression_guide, (x, y), loss, _adam(), num_epochs=3,
                  batch_size=10, eval_data=(x_test, y_test))  # fmt: skip
     h, eh = result.history, result.epoch_history
-    assert set(h) == {"step", "epoch", "loss", "lr", "grad_norm", "elbo", "schedule", "term_loss"}
+    assert set(h) == {
+        "step", "epoch", "loss", "loss_total", "lr", "grad_norm", "elbo", "schedule", "term_loss"
+    }  # fmt: skip
     assert np.all(h["grad_norm"] > 0)
     assert all(isinstance(v, np.ndarray) for v in h.values())
     assert h["step"].dtype == np.int64 and h["loss"].dtype == np.float64
-    np.testing.assert_array_equal(h["elbo"], -h["loss"])
-    np.testing.assert_array_equal(h["term_loss"], 2 * h["loss"])
+    np.testing.assert_array_equal(h["elbo"], -h["loss_total"])
+    np.testing.assert_array_equal(h["term_loss"], 2 * h["loss_total"])
     np.testing.assert_array_equal(h["schedule"], np.arange(12))  # set_step(completed steps)
     assert loss.steps_seen[-12:] == list(range(12))
     np.testing.assert_allclose(eh["loss"], h["loss"].reshape(3, 4).mean(1))
     np.testing.assert_array_equal(eh["epoch"], [1, 2, 3])
     np.testing.assert_array_equal(eh["step"], [4, 8, 12])
-    np.testing.assert_array_equal(eh["eval_elbo"], -eh["eval_loss"])
+    np.testing.assert_array_equal(eh["eval_elbo"], -eh["eval_loss_total"])
     np.testing.assert_array_equal(eh["eval_schedule"], [-1.0, -1.0, -1.0])
     with pytest.raises((TypeError, ValueError)):
         h["loss"][0] = 0.0  # read-only arrays
@@ -310,7 +312,7 @@ def test_evaluation_is_exact_and_does_not_perturb_training():
     result = fit(regression_model, delta_guide, (x, y), Trace_ELBO(), _adam(), **common,
                  eval_data=(x_test, y_test), eval_batch_size=7, eval_every=2)  # fmt: skip
     np.testing.assert_array_equal(plain.history["loss"], result.history["loss"])
-    ev = result.epoch_history["eval_loss"]
+    ev = result.epoch_history["eval_loss_total"]
     assert np.isnan(ev[0]) and np.isnan(ev[2]) and np.isfinite(ev[1])
     w = result.params["loc"]
     exact = -(
