@@ -77,7 +77,7 @@ class StepOutcome:
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients (NaN or inf when any element is).
+    r"""Global L2 norm of the gradients (NaN or inf when any element is).
 
     One fused per-tensor norm when all gradients share device and dtype (the common case; about
     3x cheaper per step than ``torch.nn.utils.get_total_norm``, which regroups the tensors).
@@ -90,7 +90,7 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        A 0-d tensor, :math:`\\sqrt{\\sum_i \\|g_i\\|_2^2}`.
+        A 0-d tensor, :math:`\sqrt{\sum_i \|g_i\|_2^2}`.
     """
     if not grads:
         return torch.zeros(())

@@ -395,7 +395,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
 
 # ------------------------------------------------------------------------------ callbacks
 def callback_state_keys(callbacks: Sequence[Callback]) -> list[str]:
-    """The key under which each callback's state is stored.
+    """Give the key under which each callback's state is stored.
 
     Parameters
     ----------
@@ -433,7 +433,7 @@ def _setting_value(value: Any) -> Any:
 
 
 def describe_optimizer(optim: PyroOptim) -> dict[str, Any]:
-    """The optimizer's class and settings, as stored in a checkpoint.
+    """Describe the optimizer's class and settings, as stored in a checkpoint.
 
     Parameters
     ----------

@@ -24,10 +24,14 @@ __all__ = ["Batch", "DataSource", "as_data_source", "epoch_order", "global_batch
 class Batch(NamedTuple):
     """One minibatch as ``fit`` passes it to the model and guide.
 
-    Attributes:
-        args: Positional tensors, e.g. ``(x_b,)`` or ``(x_b, y_b)``.
-        kwargs: Keyword tensors (for dict-valued data), otherwise empty.
-        idx: ``torch.long`` rows of the full data set, on the data's device.
+    Attributes
+    ----------
+    args : tuple
+        Positional tensors, e.g. ``(x_b,)`` or ``(x_b, y_b)``.
+    kwargs : Mapping
+        Keyword tensors (for dict-valued data), otherwise empty.
+    idx : torch.Tensor
+        ``torch.long`` rows of the full data set, on the data's device.
     """
 
     args: tuple[Any, ...]
@@ -36,9 +40,24 @@ class Batch(NamedTuple):
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The order of the rows of an ``n``-row data set in epoch ``epoch`` (a ``torch.long`` tensor).
+    """Order the rows of an ``n``-row data set for epoch ``epoch``.
 
-    A seeded permutation when ``shuffle``, else ``arange(n)``; the same on every process.
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    seed : int
+        The run's seed.
+    epoch : int
+        The 0-based epoch.
+    shuffle : bool
+        Permute (else keep the order).
+
+    Returns
+    -------
+    torch.Tensor
+        A ``torch.long`` seeded permutation (the training shuffling stream of
+        :mod:`._rng`) when ``shuffle``, else ``arange(n)``; the same on every process.
     """
     if not shuffle:
         return torch.arange(n)
@@ -47,22 +66,66 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
 
 
 def global_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
-    """Split an epoch's order into consecutive global minibatches of ``batch_size`` rows."""
+    """Split an epoch's order into consecutive global minibatches of ``batch_size`` rows.
+
+    Parameters
+    ----------
+    order : torch.Tensor
+        The epoch's row order.
+    batch_size : int
+        Rows per minibatch.
+    drop_last : bool
+        Drop an incomplete last minibatch.
+
+    Returns
+    -------
+    list of torch.Tensor
+        The minibatches' row indices.
+    """
     n = order.shape[0]
     stop = (n // batch_size) * batch_size if drop_last else n
     return [order[i : min(i + batch_size, n)] for i in range(0, stop, batch_size)]
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
-    """Number of minibatches in one epoch."""
+    """Count the minibatches in one epoch.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    batch_size : int
+        Rows per minibatch.
+    drop_last : bool
+        Whether an incomplete last minibatch is dropped.
+
+    Returns
+    -------
+    int
+        ``n // batch_size`` when dropping, else ``ceil(n / batch_size)``.
+    """
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This process's share ``batch[rank::world_size]`` of a global minibatch.
+    """Take a process's share ``batch[rank::world_size]`` of a global minibatch.
 
     The shares of all processes partition the global minibatch, so the processes together see
     exactly the rows one process would see with the global batch size.
+
+    Parameters
+    ----------
+    batch : torch.Tensor
+        The global minibatch's row indices.
+    rank : int
+        The process's rank.
+    world_size : int
+        Number of processes.
+
+    Returns
+    -------
+    torch.Tensor
+        The share.
     """
     if world_size == 1:
         return batch
@@ -214,9 +277,26 @@ def as_data_source(data: Any, name: str, device: torch.device | None) -> DataSou
     a ``DataLoader`` over one (its dataset, batch size, ``drop_last``, collate function and worker
     settings are used; its sampler is replaced by ``fit``'s seeded order).
 
-    Raises:
-        TypeError: for any other type, naming the argument.
-        ValueError: for empty data, mismatched lengths, or NaN/inf in floating tensors.
+    Parameters
+    ----------
+    data : Any
+        The data as given to ``fit``.
+    name : str
+        The argument's name, for messages (``"data"`` or ``"eval_data"``).
+    device : torch.device or None
+        Device the rows are moved to.
+
+    Returns
+    -------
+    DataSource
+        Uniform access to the rows.
+
+    Raises
+    ------
+    TypeError
+        For any other type, naming the argument.
+    ValueError
+        For empty data, mismatched lengths, or NaN/inf in floating tensors.
     """
     if isinstance(data, torch.Tensor):
         _check_tensor(name, data, None)

@@ -75,7 +75,7 @@ class HistoryTable:
         return MappingProxyType(out)
 
     def to_state(self) -> dict[str, torch.Tensor]:
-        """The columns as tensors, for checkpoints.
+        """Convert the columns to tensors, for checkpoints.
 
         Returns
         -------
