@@ -367,11 +367,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             f"refuses it ({first[:200]}); {advice}"
         ) from None
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"checkpoint {name!r} cannot be read: the file is truncated or not a torch file "
-            f"({type(error).__name__}: {first[:200]}); {advice}"
-        ) from None
+            f"checkpoint {name!r} cannot be read: the file is truncated or not a file written "
+            f"by torch.save (torch.load raised {type(error).__name__}); {advice}"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{name!r} is not a checkpoint written by pyro_vi_ext.fit (no "
