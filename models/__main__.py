@@ -56,6 +56,13 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser (bad options end with one line, exit code 2).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser of ``python -m models``.
+    """
     parser = _OneLineParser(
         prog="python -m models",
         description=(
@@ -253,6 +260,23 @@ def _traversals(vae, image, path: Path, steps: int = 9) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train, evaluate and write the report folder.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed and checked options.
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json``.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        When training was interrupted (Ctrl-C); no report is written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -430,6 +454,18 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the main job.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0, 2 for a bad option (raised as ``SystemExit``), 130 after Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
