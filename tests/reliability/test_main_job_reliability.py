@@ -46,6 +46,7 @@ def _read_only_folder(path: Path):
 
 
 def test_unwritable_out_fails_before_training(tmp_path):
+    """A read-only --out (tmpfs mounted ro) ends the job before training."""
     with _read_only_folder(tmp_path / "ro") as folder:
         proc = _run_main("--steps", "2", "--out", str(folder / "report"))
     _assert_one_line(proc, "cannot be written (Read-only file system)")
@@ -61,10 +62,12 @@ def test_unwritable_out_fails_before_training(tmp_path):
     ids=["out-under-proc", "batch-larger-than-data", "huge-num-particles"],
 )
 def test_bad_options_end_with_one_line(argv, fragment):
+    """Out under /proc, a batch larger than the data, a huge K: one line, exit 2."""
     _assert_one_line(_run_main(*argv), fragment)
 
 
 def test_ctrl_c_exits_130(tmp_path):
+    """A real SIGINT during training exits with code 130 and writes no report."""
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "models", "--steps", "100000", "--batch-size", "16",
            "--out", str(out), "--no-progress"]  # fmt: skip

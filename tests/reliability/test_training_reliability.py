@@ -74,11 +74,13 @@ def _interrupt_at(step):
 
 @pytest.fixture(scope="module")
 def run():
+    """Build the run configuration shared by the module's tests."""
     return _Run()
 
 
 @pytest.fixture(scope="module")
 def reference(run, tmp_path_factory):
+    """Train the uninterrupted run and keep its final checkpoint."""
     path = tmp_path_factory.mktemp("reference") / "ref.pt"
     return run(checkpoint=path), path
 
@@ -101,6 +103,7 @@ def test_resumed_evaluation_history_is_bit_identical(run, reference, tmp_path, k
 
 # ------------------------------------------------------------------------------ 2. resume notes
 def test_resuming_a_finished_run_with_a_new_learning_rate_says_so(run, reference, tmp_path):
+    """A finished run resumed with a new lr warns, naming lr and both values."""
     _, finished = reference
     path = tmp_path / "done.pt"
     shutil.copy(finished, path)
@@ -112,6 +115,7 @@ def test_resuming_a_finished_run_with_a_new_learning_rate_says_so(run, reference
 
 
 def test_resuming_mid_run_with_a_new_learning_rate_says_so(run, tmp_path):
+    """A run resumed mid-way with a new lr warns, naming lr and both values."""
     path = tmp_path / "c.pt"
     run(callbacks=[_interrupt_at(5)], checkpoint=path)
     with pytest.warns(UserWarning, match=r"continued from step 5.*lr: 0\.02 .* 0\.1 now"):
@@ -120,6 +124,7 @@ def test_resuming_mid_run_with_a_new_learning_rate_says_so(run, tmp_path):
 
 
 def test_resuming_with_another_optimizer_class_is_refused(run, reference, tmp_path):
+    """Adam state resumed into SGD: a CheckpointError naming both classes."""
     _, finished = reference
     with pytest.raises(CheckpointError, match=r"torch\.optim\.adam\.Adam.*SGD"):
         run(optim=pyro.optim.SGD({"lr": 0.01}), checkpoint=finished, resume=True)
@@ -140,6 +145,7 @@ def _tensor_payload_offset(path: Path) -> tuple[int, int]:
 
 
 def test_a_flipped_byte_inside_a_tensor_is_refused(reference, tmp_path):
+    """One flipped bit in a tensor's bytes fails the SHA-256 check."""
     _, finished = reference
     path = tmp_path / "flipped.pt"
     shutil.copy(finished, path)
@@ -156,6 +162,7 @@ def test_a_flipped_byte_inside_a_tensor_is_refused(reference, tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign pickle"])
 def test_unreadable_checkpoints_name_the_file(reference, tmp_path, damage):
+    """Empty, truncated, random and foreign files: a clear error naming the file."""
     _, finished = reference
     path = tmp_path / "bad.pt"
     if damage == "empty":
@@ -172,6 +179,7 @@ def test_unreadable_checkpoints_name_the_file(reference, tmp_path, damage):
 
 
 def test_a_corrupted_checkpoint_stops_a_resume_before_training(run, reference, tmp_path):
+    """Resuming from a truncated checkpoint raises before any step."""
     _, finished = reference
     path = tmp_path / "trunc.pt"
     path.write_bytes(finished.read_bytes()[:1000])
@@ -223,6 +231,7 @@ def _bad_paths(tmp_path):
     "kind", ["a folder", "a FIFO", "a device node", "under /proc", "an existing file under /proc"]
 )
 def test_unusable_checkpoint_paths_fail_before_step_1(tmp_path, kind):
+    """Folders, FIFOs, device nodes and /proc paths are refused before step 1."""
     path, fragment = _bad_paths(tmp_path)[kind]
     steps = []
     with pytest.raises(CheckpointError, match=fragment):
@@ -233,6 +242,7 @@ def test_unusable_checkpoint_paths_fail_before_step_1(tmp_path, kind):
 
 
 def test_read_only_checkpoint_folder_fails_before_step_1(tmp_path):
+    """A read-only folder (ro tmpfs, which binds root too) fails before step 1."""
     with _tmpfs(tmp_path / "ro", "1m", read_only=True) as folder:
         steps = []
         with pytest.raises(CheckpointError, match=r"cannot create files.*Read-only"):
@@ -261,6 +271,7 @@ def test_disk_full_during_a_later_save_keeps_the_result(tmp_path):
 
 
 def test_orphan_temp_files_are_removed_on_resume(tmp_path):
+    """Temporaries of this checkpoint are deleted when fit starts; others are kept."""
     path = tmp_path / "run.pt"
     _short_fit(path)
     orphans = [tmp_path / f".run.pt.{tag}.tmp" for tag in ("a1b2c3", "zz9")]
@@ -295,6 +306,7 @@ fit(regression_model, regression_guide, (x, y), pyro.infer.Trace_ELBO(),
 
 @pytest.mark.slow
 def test_sigkill_during_a_write_leaves_an_orphan_that_resume_removes(tmp_path):
+    """SIGKILL mid-write: the old file survives, the orphan goes on resume."""
     path = tmp_path / "run.pt"
     proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(path)], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)  # fmt: skip
@@ -308,6 +320,7 @@ def test_sigkill_during_a_write_leaves_an_orphan_that_resume_removes(tmp_path):
 # ------------------------------------------------------------------------------ 5. NaN stop
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_nan_stop_keeps_a_verified_checkpoint_to_resume_from(tmp_path):
+    """After a NaN stop the kept checkpoint verifies and resumes."""
     x, y, _, _ = regression_data(n=40)
     state = {"done": 0}
 
@@ -335,6 +348,7 @@ def test_nan_stop_keeps_a_verified_checkpoint_to_resume_from(tmp_path):
 
 # ------------------------------------------------------------------------------ callback keys
 def test_callback_state_follows_its_key_not_its_position(run, tmp_path):
+    """A callback inserted before the stopper does not take its state."""
     path = tmp_path / "c.pt"
     stopper = EarlyStopping("eval_loss", patience=100)
     run(callbacks=[_interrupt_at(12), stopper], checkpoint=path)

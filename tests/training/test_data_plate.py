@@ -31,14 +31,14 @@ from tests.training._problems import (
 
 
 def plain_model_len(x, y=None):
-    """The conjugate regression as a Pyro tutorial writes it: the plate sized by ``len(x)``."""
+    """Write the conjugate regression as a Pyro tutorial does: the plate sized by ``len(x)``."""
     w = pyro.sample("w", dist.Normal(0.0, TAU).expand([x.shape[-1]]).to_event(1))
     with pyro.plate("data", len(x)):
         pyro.sample("y", dist.Normal((x * w).sum(-1), SIGMA), obs=y)
 
 
 def plain_model_shape(x, y=None):
-    """The same with ``pyro.plate("data", x.shape[0])``."""
+    """Write it with ``pyro.plate("data", x.shape[0])``."""
     w = pyro.sample("w", dist.Normal(0.0, TAU).expand([x.shape[-1]]).to_event(1))
     with pyro.plate("data", x.shape[0]):
         pyro.sample("y", dist.Normal((x * w).sum(-1), SIGMA), obs=y)
@@ -163,6 +163,7 @@ def test_importance_weighted_loss_refuses_a_global_latent_as_with_the_convention
 
 
 def test_evaluation_under_data_plate_is_exact():
+    """With a point-mass guide the held-out loss is exact under data_plate."""
     x, y, _, _ = regression_data(n=40)
     x_test, y_test, _, _ = regression_data(n=25, seed=9)
 
@@ -183,13 +184,13 @@ def test_evaluation_under_data_plate_is_exact():
 
 
 def _fixed_size_model(x, y=None):
-    """A plate of a hard-coded size (Pyro itself catches a mismatching observed site)."""
+    """Use a plate of a hard-coded size (Pyro itself catches a mismatching observed site)."""
     with pyro.plate("data", 40):
         pyro.sample("noise", dist.Normal(0.0, 1.0))
 
 
 def _self_subsampling_model(x, y=None):
-    """A model that subsamples its data plate itself (subsample_size)."""
+    """Subsample the data plate inside the model (subsample_size)."""
     with pyro.plate("data", len(x), subsample_size=4):
         pyro.sample("noise", dist.Normal(0.0, 1.0))
 
@@ -213,6 +214,7 @@ def _fixed_size_guide(x, y=None):
     ids=["misspelt-plate", "plate-not-sized-by-the-data", "plate-subsampled-by-the-model"],
 )
 def test_data_plate_mistakes_name_the_plate(model, plate, fragment):
+    """A misspelt, hard-coded or self-subsampled plate: an error naming it."""
     x, y, _, _ = regression_data(n=40)
     guide = {plain_model_len: plain_guide, _fixed_size_model: _fixed_size_guide}.get(
         model, lambda x, y=None: pyro.param("unused", torch.zeros(()))
