@@ -292,11 +292,16 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> b
             stacklevel=2,
         )
         return False
+    target = Path(path)
+    if target.exists() and not stat.S_ISREG(os.stat(target).st_mode):
+        raise CheckpointWriteError(
+            f"checkpoint {os.fspath(path)!r} exists and is not a regular file (a folder, device "
+            "node, FIFO or socket): the atomic rename would replace it, so nothing is written"
+        )
     content = dict(state)
     content.setdefault("format", CHECKPOINT_FORMAT)
     content.setdefault("version", CHECKPOINT_VERSION)
     content["sha256"] = content_digest(content)
-    target = Path(path)
     tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

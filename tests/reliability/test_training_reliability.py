@@ -395,3 +395,14 @@ def test_a_stalled_or_dead_worker_ends_every_rank(tmp_path, fault):
         message = (tmp_path / "rank0-message.txt").read_text()
         assert "after step" in message and "step 4) is kept" in message
     assert load_checkpoint(tmp_path / "run.pt")["step"] == 4
+
+
+def test_save_never_replaces_a_device_node(tmp_path):
+    """Even called directly, save_checkpoint refuses to rename over a device node."""
+    from pyro_vi_ext.training.checkpoint import CheckpointWriteError, save_checkpoint
+
+    device = tmp_path / "node"
+    os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with pytest.raises(CheckpointWriteError, match="not a regular file"):
+        save_checkpoint(device, {"step": 1, "params": {"a": torch.ones(2)}})
+    assert stat.S_ISCHR(os.stat(device).st_mode)
