@@ -31,7 +31,7 @@ def _run():
 
 
 def test_losses_are_per_point_and_totals_are_named():
-    """loss = loss_total / N (N = 60), eval_loss = eval_loss_total / M (M = 15)."""
+    """Check loss = loss_total / N (N = 60) and eval_loss = eval_loss_total / M (M = 15)."""
     result = _run()
     h, eh = result.history, result.epoch_history
     np.testing.assert_allclose(h["loss"], h["loss_total"] / 60, rtol=1e-12)
