@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pyro
@@ -25,7 +26,10 @@ def main(out: Path, fault: str) -> int:
     torch.set_num_threads(1)
     x, y, _, _ = regression_data(n=64)
 
+    last_step = [time.monotonic()]
+
     def misbehave(info):
+        last_step[0] = time.monotonic()
         if rank == 1 and info.step == 6:
             os.kill(os.getpid(), getattr(signal, fault))
 
@@ -35,7 +39,9 @@ def main(out: Path, fault: str) -> int:
             checkpoint_every=4, callbacks=[misbehave], distributed_timeout=4,
             progress=False)  # fmt: skip
     except PeerFailure as failure:
+        waited = time.monotonic() - last_step[0]
         (out / f"rank{rank}-message.txt").write_text(str(failure))
+        (out / f"rank{rank}-waited.txt").write_text(f"{waited:.3f}")
         print(f"rank {rank}: {failure}", flush=True)
         return 1
     return 0

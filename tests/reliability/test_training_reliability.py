@@ -394,6 +394,8 @@ def test_a_stalled_or_dead_worker_ends_every_rank(tmp_path, fault):
         assert (tmp_path / "rank0-message.txt").exists()
         message = (tmp_path / "rank0-message.txt").read_text()
         assert "after step" in message and "step 4) is kept" in message
+        waited = float((tmp_path / "rank0-waited.txt").read_text())
+        assert 4.0 <= waited < 15.0  # the configured 4 s, not gloo's default 30 minutes
     assert load_checkpoint(tmp_path / "run.pt")["step"] == 4
 
 
