@@ -408,3 +408,11 @@ def test_save_never_replaces_a_device_node(tmp_path):
     with pytest.raises(CheckpointWriteError, match="not a regular file"):
         save_checkpoint(device, {"step": 1, "params": {"a": torch.ones(2)}})
     assert stat.S_ISCHR(os.stat(device).st_mode)
+
+
+def test_an_elbo_class_instead_of_an_instance_is_named():
+    """Passing Trace_ELBO (the class) says to write Trace_ELBO()."""
+    x, y, _, _ = regression_data(n=20)
+    with pytest.raises(TypeError, match=r"got the class Trace_ELBO: write Trace_ELBO\(\)"):
+        fit(regression_model, regression_guide, (x, y), Trace_ELBO, pyro.optim.Adam({"lr": 0.1}),
+            num_steps=1)  # fmt: skip
