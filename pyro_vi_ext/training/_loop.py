@@ -402,7 +402,7 @@ def _restore(
     config, context = session.config, session.context
     differences = checkpoint_io.check_compatible(checkpoint, path, session.batching, config.optim)
     checkpoint_io.restore_checkpoint(
-        checkpoint, path, optim=config.optim, callbacks=config.callbacks, loss=config.loss
+        checkpoint, path, optim=config.optim, callbacks=config.callbacks
     )
     state = LoopState.from_checkpoint(checkpoint)
     rng_states = checkpoint["rng"]
@@ -458,7 +458,6 @@ def _save(session: TrainingSession, state: LoopState, status: RunStatus) -> None
         optim=config.optim,
         rng_states=rng_states,
         callbacks=config.callbacks,
-        loss=config.loss,
     )
     try:
         written = checkpoint_io.save_checkpoint(config.checkpoint, content)

@@ -35,8 +35,9 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     :attr:`~pyro_vi_ext.training.Callback.state_key` (the class name unless it says otherwise;
     ``#2``, ``#3`` appended for repeats), so adding, removing or reordering callbacks does not
     misplace state.
-``loss_state``
-    The loss's ``state_dict()`` when it has one, else ``{}``.
+
+A loss keeps no state of its own across steps: weight schedules are functions of the step, which
+``fit`` passes to ``loss.set_step`` before every step.
 
 Files are written atomically (to a temporary file ``.<name>.<random>.tmp`` next to the target,
 then renamed over it), and never with non-finite parameters, so a crash while saving or a
@@ -527,7 +528,6 @@ def build_checkpoint(
     optim: PyroOptim,
     rng_states: Sequence[Mapping[str, Any]],
     callbacks: Sequence[Callback],
-    loss: Any,
 ) -> dict[str, Any]:
     """Assemble the checkpoint content of a run.
 
@@ -545,15 +545,12 @@ def build_checkpoint(
         Every process's random states (:func:`._rng.capture_rng_state`), in rank order.
     callbacks : sequence of Callback
         The callbacks.
-    loss : pyro.infer.ELBO
-        The training loss.
 
     Returns
     -------
     dict
         The content, without ``sha256`` (added by :func:`save_checkpoint`).
     """
-    loss_state = loss.state_dict() if callable(getattr(loss, "state_dict", None)) else {}
     keys = callback_state_keys(callbacks)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -579,7 +576,6 @@ def build_checkpoint(
         "callbacks": {
             key: callback.state_dict() for key, callback in zip(keys, callbacks, strict=True)
         },
-        "loss_state": loss_state,
     }
 
 
@@ -652,9 +648,8 @@ def restore_checkpoint(
     *,
     optim: PyroOptim,
     callbacks: Sequence[Callback],
-    loss: Any,
 ) -> None:
-    """Put a checkpoint's parameters, optimizer, callback and loss state back in place.
+    """Put a checkpoint's parameters, optimizer and callback states back in place.
 
     The loop state and random streams are restored by the caller
     (:meth:`._loop.LoopState.from_checkpoint`, :func:`._rng.restore_rng_state`).
@@ -669,8 +664,6 @@ def restore_checkpoint(
         The optimizer to load the state into.
     callbacks : sequence of Callback
         The callbacks; each gets the state stored under its key.
-    loss : pyro.infer.ELBO
-        The training loss (``load_state_dict`` when it has one).
 
     Raises
     ------
@@ -710,8 +703,6 @@ def restore_checkpoint(
             "trained with, or start afresh (resume=False or another checkpoint path)"
         ) from None
     _restore_callbacks(checkpoint["callbacks"], path, callbacks)
-    if checkpoint.get("loss_state") and callable(getattr(loss, "load_state_dict", None)):
-        loss.load_state_dict(checkpoint["loss_state"])
 
 
 def _restore_callbacks(saved: Any, path: str, callbacks: Sequence[Callback]) -> None:
