@@ -42,6 +42,7 @@ from pyro_vi_ext.training import fit
 
 # ----------------------------------------------------------------------------------- models
 def regression_problem(n: int = 20_000, d: int = 10):
+    """Bayesian linear regression with an AutoNormal guide (model, data, guide factory)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen)
     w = torch.randn(d, generator=gen)
@@ -77,6 +78,7 @@ class _Encoder(nn.Module):
 
 
 def amortized_problem(n: int = 20_000, d: int = 64, h: int = 256, z: int = 8):
+    """Amortized latent-variable model with MLP encoder and decoder (model, data, guide factory)."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n, z, generator=gen) @ torch.randn(z, d, generator=gen)
     x = x + 0.1 * torch.randn(n, d, generator=gen)
@@ -132,7 +134,7 @@ PROBLEMS: dict[str, Callable] = {
 
 # ----------------------------------------------------------------------------------- overhead
 def hand_loop(model, guide, data, steps: int, batch_size: int, seed: int) -> float:
-    """The loop a user would write: seeded permutation per epoch, SVI.step on each minibatch."""
+    """Time the loop a user would write: a seeded permutation per epoch, SVI.step per batch."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
@@ -181,9 +183,12 @@ def fit_loop(model, guide, data, steps: int, batch_size: int, seed: int) -> floa
 
 
 def bench_overhead(steps: int, repeats: int, batch_size: int) -> list[dict]:
-    """Paired rounds: each runs the hand loop and fit back to back (alternating which goes
-    first) and gives one ratio; the median ratio over rounds is robust to slow changes in the
-    load of a shared machine. Wall-clock and process CPU time, one torch thread."""
+    """Compare fit with the hand loop in paired rounds.
+
+    Each round runs the hand loop and fit back to back (alternating which goes first) and gives
+    one ratio; the median ratio over rounds is robust to slow changes in the load of a shared
+    machine. Wall-clock and process CPU time, one torch thread.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
@@ -221,6 +226,7 @@ def bench_overhead(steps: int, repeats: int, batch_size: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- DDP
 def ddp_worker(problem: str, steps: int, batch_size: int, out: str) -> None:
+    """Train under torchrun and write rank 0's elapsed time to ``out``."""
     model, data, make_guide = PROBLEMS[problem]()
     guide = make_guide()
     warm = fit(
@@ -312,6 +318,7 @@ def bench_ddp(steps: int, batch_size: int) -> list[dict]:
 
 
 def main() -> None:
+    """Parse the options and run the benchmark parts."""
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, problem, steps, batch_size, out = sys.argv
         ddp_worker(problem, int(steps), int(batch_size), out)

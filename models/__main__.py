@@ -17,6 +17,12 @@ downloaded. The report folder holds:
 * ``traversals.png``: each latent dimension swept from -3 to 3 around one image's code;
 * ``inference_data.nc``: the ArviZ export of the guide on held-out images;
 * ``summary.json``: the settings, the final terms, the test log-likelihood and timings.
+
+Every option is checked before training, and a bad one ends the job with one line on stderr and
+exit code 2: among them an ``--out`` folder that cannot be written (tried for real), one under a
+pseudo-filesystem (``/proc``, ``/sys``, ``/dev``), a ``--batch-size`` larger than the data, and a
+``--num-particles`` whose decoder outputs alone would not fit in memory. Ctrl-C stops training
+after the current step and exits with code 130 (no report is written).
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 SMALL_GRID = {"orientation": 10, "posX": 8, "posY": 8}
+GRID_SIZES = {"small": 3 * 6 * 10 * 8 * 8, "full": 3 * 6 * 40 * 32 * 32}
+PIXELS = 64 * 64
+# Floats per particle, image and pixel the training step keeps alive at once: decoder logits,
+# the Bernoulli log-probabilities and their gradients (a lower bound on the real footprint).
+FLOATS_PER_PIXEL = 4
+INTERRUPTED = 130
 LOSSES = ("decomposed", "iwae", "elbo")
 ESTIMATORS = {"decomposed": ("mss", "mws"), "iwae": ("iwae", "stl", "dreg"), "elbo": ("reparam",)}
 MODELS = ("beta-tcvae", "vae", "conv-vae")
@@ -42,6 +56,13 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser (bad options end with one line, exit code 2).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser of ``python -m models``.
+    """
     parser = _OneLineParser(
         prog="python -m models",
         description=(
@@ -136,8 +157,50 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--device cuda asked for, but torch sees no CUDA device")
     if args.surgery_points is not None and args.surgery_points < 2:
         parser.error("--surgery-points must be at least 2")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {str(args.out)!r} exists and is not a folder")
+    if args.batch_size > GRID_SIZES[args.grid]:
+        parser.error(
+            f"--batch-size {args.batch_size} is larger than the {args.grid} grid's "
+            f"{GRID_SIZES[args.grid]:,} images"
+        )
+    _check_memory(parser, args, device)
+    _check_out(parser, args.out)
+
+
+def _available_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _check_memory(parser: argparse.ArgumentParser, args: argparse.Namespace, device) -> None:
+    """Refuse particle counts whose decoder outputs alone exceed the device's memory."""
+    needed = args.num_particles * args.batch_size * PIXELS * FLOATS_PER_PIXEL * 4
+    available = _available_bytes(device)
+    if needed > available:
+        parser.error(
+            f"--num-particles {args.num_particles} with --batch-size {args.batch_size} needs at "
+            f"least {needed / 2**30:,.1f} GiB for the decoder outputs alone (particles x batch x "
+            f"{PIXELS} pixels x {FLOATS_PER_PIXEL} floats), more than the "
+            f"{available / 2**30:,.1f} GiB of {device}; lower --num-particles or --batch-size"
+        )
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Check that the report folder can be created and written, before any training."""
+    resolved = Path(os.path.abspath(out))
+    for root in ("/proc", "/sys", "/dev"):
+        if resolved == Path(root) or Path(root) in resolved.parents:
+            parser.error(f"--out {str(out)!r} lies under {root}, which cannot hold a report")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        parser.error(f"--out {str(out)!r} cannot be written ({error.strerror or error})")
 
 
 def _build_model(args):
@@ -197,6 +260,23 @@ def _traversals(vae, image, path: Path, steps: int = 9) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train, evaluate and write the report folder.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed and checked options.
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json``.
+
+    Raises
+    ------
+    KeyboardInterrupt
+        When training was interrupted (Ctrl-C); no report is written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,6 +319,7 @@ def run(args: argparse.Namespace) -> dict:
 
     vae = _build_model(args).to(device)
     loss = _build_loss(args)
+    print("training (Ctrl-C stops after the current step)", flush=True)
     result = fit(
         vae.model,
         vae.guide,
@@ -252,6 +333,8 @@ def run(args: argparse.Namespace) -> dict:
         device=device,
     )
     print(result.message)
+    if result.stop_reason == "interrupted":
+        raise KeyboardInterrupt
     trained = time.perf_counter()
 
     keys = [
@@ -371,14 +454,26 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the main job.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0, 2 for a bad option (raised as ``SystemExit``), 130 after Ctrl-C.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     _check(parser, args)
     try:
         run(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted (Ctrl-C): no report written", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

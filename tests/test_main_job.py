@@ -1,5 +1,7 @@
-"""The main job (``python -m models``): a short run writes every promised file; bad options fail
-with one line."""
+"""The main job (``python -m models``).
+
+A short run writes every promised file; bad options fail with one line.
+"""
 
 import json
 import math
@@ -15,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_short_run_writes_the_report(tmp_path):
+    """A three-step run writes every promised file with consistent numbers."""
     out = tmp_path / "report"
     code = main(
         [
@@ -60,6 +63,7 @@ def test_short_run_writes_the_report(tmp_path):
 
 
 def test_inference_data_reloads(tmp_path):
+    """The ArviZ export of an IWAE run reloads from netCDF."""
     import arviz as az
 
     out = tmp_path / "r"
@@ -98,6 +102,7 @@ def test_inference_data_reloads(tmp_path):
     ],
 )
 def test_bad_options_give_one_line(argv, fragment):
+    """Bad options end with one line on stderr and exit code 2."""
     proc = subprocess.run(
         [sys.executable, "-m", "models", *argv],
         cwd=ROOT,
@@ -112,6 +117,7 @@ def test_bad_options_give_one_line(argv, fragment):
 
 
 def test_help_describes_options():
+    """--help lists the main options."""
     proc = subprocess.run(
         [sys.executable, "-m", "models", "--help"],
         cwd=ROOT,

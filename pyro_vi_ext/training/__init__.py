@@ -1,8 +1,45 @@
 """SVI runner: :func:`fit`, its result, callbacks, checkpoints and data-parallel training.
 
-Minibatch convention
---------------------
-``fit`` calls the model and the guide once per step as::
+Layout
+------
+``runner.py``
+    :func:`fit`: builds a validated configuration and runs the loop.
+``_config.py``
+    :class:`~._config.FitConfig` (fit's arguments, validated) and :class:`~._config.Batching`.
+``_loop.py``
+    The loop and its explicit state: ``TrainingSession`` (what does not change),
+    ``LoopState`` (progress and history, checkpointed), ``RunStatus`` (stops, saves).
+``_step.py``
+    One optimizer step: loss and gradients, all-reduce, non-finite checks, clipping, update.
+``_evaluation.py``
+    Held-out evaluation on its own random stream.
+``_rng.py``
+    The seed streams: training shuffling, model sampling, evaluation.
+``_data_plate.py``
+    The N/B scaling of an unmodified model's data plate (``fit(data_plate=...)``).
+``checkpoint.py``
+    The checkpoint format (version, content hash, callbacks by key), writing, reading, restoring.
+``data.py``, ``distributed.py``, ``callbacks.py``, ``result.py``, ``plotting.py``
+    Data sources and minibatches, ``torch.distributed`` plumbing, callbacks and early stopping,
+    :class:`FitResult`, history plots.
+
+Telling the model N
+-------------------
+A model and guide that take only their data, in the style of Pyro's tutorials, train on
+minibatches with ``fit(..., data_plate="data")``: ``fit`` makes the plate named ``"data"`` (sized
+by the data it is given, ``pyro.plate("data", len(x))``) a subsampled plate of full size N, with
+scale N/B at every site inside it::
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal((x * w).sum(-1), 1.0), obs=y)
+
+    fit(model, guide, (x, y), Trace_ELBO(), optim, num_epochs=50, batch_size=256,
+        data_plate="data")
+
+Without ``data_plate``, the minibatch convention: ``fit`` calls the model and the guide once per
+step as::
 
     model(*batch, idx=idx, n_data=n_data)
     guide(*batch, idx=idx, n_data=n_data)
@@ -28,6 +65,9 @@ Called by hand as ``model(x, y)`` (``idx`` and ``n_data`` left at ``None``) the 
 full data without subsampling. The guide takes the same arguments (an ``AutoGuide`` accepts them as
 is). Full-batch training (``batch_size=None``) passes ``idx = arange(N)``, i.e. a scale of 1.
 
+Reported losses are per data point (``history["loss"]``, ``epoch_history["eval_loss"]``); the
+totals are ``loss_total`` and ``eval_loss_total``.
+
 Usage
 -----
 ::
@@ -35,7 +75,7 @@ Usage
     from pyro_vi_ext.training import EarlyStopping, fit
 
     result = fit(model, guide, (x, y), Trace_ELBO(), pyro.optim.Adam({"lr": 1e-2}),
-                 num_epochs=50, batch_size=256, seed=0,
+                 num_epochs=50, batch_size=256, seed=0, data_plate="data",
                  eval_data=(x_test, y_test), callbacks=[EarlyStopping("eval_loss", patience=5)],
                  checkpoint="run.pt", checkpoint_every=500, resume=True)
     result.history["loss"], result.epoch_history["eval_loss"], result.params
@@ -46,7 +86,8 @@ The same script launched with ``torchrun --nproc_per_node=P script.py`` trains d
 """
 
 from .callbacks import Callback, EarlyStopping, EpochInfo, FitInfo, StepInfo
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
+from .distributed import PeerFailure
 from .loggers import CSVLogger, TensorBoardLogger
 from .plotting import plot_history
 from .result import FitResult
@@ -55,10 +96,13 @@ from .runner import fit
 __all__ = [
     "CSVLogger",
     "Callback",
+    "CheckpointError",
+    "CheckpointWriteError",
     "EarlyStopping",
     "EpochInfo",
     "FitInfo",
     "FitResult",
+    "PeerFailure",
     "StepInfo",
     "TensorBoardLogger",
     "fit",

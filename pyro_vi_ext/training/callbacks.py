@@ -5,13 +5,14 @@ step, or a :class:`Callback` subclass overriding any of its hooks. Returning ``T
 ``on_step_end`` or ``on_epoch_end`` stops training after the current step (the end-of-run
 checkpoint is still written).
 
-Example:
-    >>> def print_every_100(info):
-    ...     if info.step % 100 == 0:
-    ...         print(info.step, info.values["loss"])
-    >>> stopper = EarlyStopping(monitor="eval_loss", patience=5)
-    >>> # fit(model, guide, x, loss, optim, num_epochs=50, eval_data=x_test,
-    >>> #     callbacks=[print_every_100, stopper])
+Examples
+--------
+>>> def print_every_100(info):
+...     if info.step % 100 == 0:
+...         print(info.step, info.values["loss"])
+>>> stopper = EarlyStopping(monitor="eval_loss", patience=5)
+>>> # fit(model, guide, x, loss, optim, num_epochs=50, eval_data=x_test,
+>>> #     callbacks=[print_every_100, stopper])
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ __all__ = ["Callback", "EarlyStopping", "EpochInfo", "FitInfo", "StepInfo"]
 class FitInfo:
     """What a callback learns when training starts.
 
-    Attributes:
-        start_step: Completed steps before this call (non-zero when resuming).
-        total_steps: The step count training runs to.
-        steps_per_epoch: Optimizer steps in one epoch.
-        n_data: Size of the (global) training set.
-        rank: This process's rank (0 without data-parallel training).
-        world_size: Number of processes.
+    Attributes
+    ----------
+    start_step : int
+        Completed steps before this call (non-zero when resuming).
+    total_steps : int
+        The step count training runs to.
+    steps_per_epoch : int
+        Optimizer steps in one epoch.
+    n_data : int
+        Size of the (global) training set.
+    rank : int
+        This process's rank (0 without data-parallel training).
+    world_size : int
+        Number of processes.
     """
 
     start_step: int
@@ -52,11 +60,15 @@ class FitInfo:
 class StepInfo:
     """The state after one optimizer step.
 
-    Attributes:
-        step: Completed optimizer steps (this step's 1-based number).
-        epoch: The 0-based epoch this step belongs to.
-        values: This step's history row: ``loss``, ``lr``, ``grad_norm`` and every term the
-            loss reported.
+    Attributes
+    ----------
+    step : int
+        Completed optimizer steps (this step's 1-based number).
+    epoch : int
+        The 0-based epoch this step belongs to.
+    values : Mapping of str to float
+        This step's history row: ``loss`` (per data point), ``loss_total``, ``lr``,
+        ``grad_norm`` and every term the loss reported.
     """
 
     step: int
@@ -68,12 +80,16 @@ class StepInfo:
 class EpochInfo:
     """The state at the end of an epoch.
 
-    Attributes:
-        epoch: Completed epochs (this epoch's 1-based number).
-        step: Completed optimizer steps.
-        values: This epoch's history row: the epoch means of the step quantities (``loss``,
-            terms), the learning rate at the end of the epoch and, on evaluation epochs,
-            ``eval_loss`` and ``eval_<term>``.
+    Attributes
+    ----------
+    epoch : int
+        Completed epochs (this epoch's 1-based number).
+    step : int
+        Completed optimizer steps.
+    values : Mapping of str to float
+        This epoch's history row: the epoch means of the step quantities (``loss``, terms),
+        the learning rate at the end of the epoch and, on evaluation epochs, ``eval_loss`` (per
+        held-out point), ``eval_loss_total`` and ``eval_<term>``.
     """
 
     epoch: int
@@ -95,41 +111,116 @@ class Callback:
 
     rank_consistent: bool = False
 
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints (default: the class's qualified name).
+
+        Override it (a class attribute or a property) when two callbacks of one class carry
+        different state that must not be swapped on resume; repeats of one key are told apart
+        by position (``#2``, ``#3``).
+        """
+        return type(self).__qualname__
+
     def on_fit_start(self, info: FitInfo) -> None:
-        """Called once before the first step."""
+        """Run once before the first step.
+
+        Parameters
+        ----------
+        info : FitInfo
+            Start step, total steps, data size, rank.
+        """
 
     def on_step_end(self, info: StepInfo) -> bool | None:
-        """Called after every optimizer step; return ``True`` to stop."""
+        """Run after every optimizer step.
+
+        Parameters
+        ----------
+        info : StepInfo
+            The step's number, epoch and history row.
+
+        Returns
+        -------
+        bool or None
+            ``True`` to stop training.
+        """
         return None
 
     def on_epoch_end(self, info: EpochInfo) -> bool | None:
-        """Called after every completed epoch (after evaluation); return ``True`` to stop."""
+        """Run after every completed epoch (after evaluation).
+
+        Parameters
+        ----------
+        info : EpochInfo
+            The epoch's number, step and history row.
+
+        Returns
+        -------
+        bool or None
+            ``True`` to stop training.
+        """
         return None
 
     def on_fit_end(self) -> None:
-        """Called once when training stops, before the result is assembled."""
+        """Run once when training stops, before the result is assembled."""
 
     def state_dict(self) -> dict[str, Any]:
-        """State saved in checkpoints."""
+        """Return the state saved in checkpoints (tensors, numbers, strings, lists, dicts).
+
+        Returns
+        -------
+        dict
+            The state, stored under :attr:`state_key`.
+        """
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the state returned by :meth:`state_dict`."""
+        """Restore the state returned by :meth:`state_dict`.
+
+        Parameters
+        ----------
+        state : Mapping
+            A dict returned by :meth:`state_dict` (after a checkpoint round trip).
+        """
 
 
 class _FunctionCallback(Callback):
+    """A plain function ``fn(StepInfo) -> bool | None`` as a step callback."""
+
     def __init__(self, fn: Callable[[StepInfo], bool | None]):
         self.fn = fn
 
+    @property
+    def state_key(self) -> str:
+        """The function's qualified name."""
+        return getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+
     def on_step_end(self, info: StepInfo) -> bool | None:
+        """Call the function."""
         return self.fn(info)
 
     def __repr__(self) -> str:
+        """Name the function."""
         return f"callback {getattr(self.fn, '__name__', repr(self.fn))}"
 
 
 def as_callback(obj: Any) -> Callback:
-    """Wrap a plain function as a step callback; pass a :class:`Callback` through."""
+    """Wrap a plain function as a step callback; pass a :class:`Callback` through.
+
+    Parameters
+    ----------
+    obj : Callback or callable
+        An entry of ``fit``'s ``callbacks``.
+
+    Returns
+    -------
+    Callback
+        The callback.
+
+    Raises
+    ------
+    TypeError
+        For anything else.
+    """
     if isinstance(obj, Callback):
         return obj
     if callable(obj):
@@ -142,22 +233,30 @@ def as_callback(obj: Any) -> Callback:
 class EarlyStopping(Callback):
     """Stop when a monitored quantity has not improved for ``patience`` checks.
 
-    Args:
-        monitor: A key of the epoch history (``interval="epoch"``; e.g. ``"eval_loss"``,
-            ``"loss"`` (the epoch mean of the training loss) or a term such as ``"eval_iw_bound"``)
-            or of the step history (``interval="step"``).
-        patience: Checks without improvement tolerated before stopping.
-        min_delta: Smallest change that counts as an improvement.
-        mode: ``"min"`` or ``"max"``: whether smaller or larger is better.
-        interval: ``"epoch"`` (check after each epoch; epochs without evaluation are skipped for
-            ``eval_*`` keys) or ``"step"``.
-        restore_best: Put the parameters of the best check back into the param store when
-            training stops (the optimizer state is not rolled back).
+    Parameters
+    ----------
+    monitor : str
+        A key of the epoch history (``interval="epoch"``; e.g. ``"eval_loss"``, ``"loss"`` (the
+        epoch mean of the per-point training loss) or a term such as ``"eval_iw_bound"``) or of
+        the step history (``interval="step"``).
+    patience : int
+        Checks without improvement tolerated before stopping.
+    min_delta : float
+        Smallest change that counts as an improvement.
+    mode : {"min", "max"}
+        Whether smaller or larger is better.
+    interval : {"epoch", "step"}
+        Check after each epoch (epochs without evaluation are skipped for ``eval_*`` keys) or
+        after each step.
+    restore_best : bool
+        Put the parameters of the best check back into the param store when training stops
+        (the optimizer state is not rolled back).
 
-    Example:
-        >>> stopper = EarlyStopping("eval_loss", patience=3, restore_best=True)
-        >>> # result = fit(..., eval_data=x_test, callbacks=[stopper])
-        >>> # result.stop_reason == "early_stopping" if it triggered
+    Examples
+    --------
+    >>> stopper = EarlyStopping("eval_loss", patience=3, restore_best=True)
+    >>> # result = fit(..., eval_data=x_test, callbacks=[stopper])
+    >>> # result.stop_reason == "early_stopping" if it triggered
     """
 
     rank_consistent = True
@@ -225,16 +324,19 @@ class EarlyStopping(Callback):
         return False
 
     def on_step_end(self, info: StepInfo) -> bool | None:
+        """Check the monitored step quantity (``interval='step'``)."""
         if self.interval == "step":
             return self._check(info.step, info.values)
         return None
 
     def on_epoch_end(self, info: EpochInfo) -> bool | None:
+        """Check the monitored epoch quantity (``interval='epoch'``)."""
         if self.interval == "epoch":
             return self._check(info.step, info.values)
         return None
 
     def on_fit_end(self) -> None:
+        """Put the best parameters back when ``restore_best``."""
         if self.restore_best and self._best_params is not None:
             store = pyro.get_param_store()
             with torch.no_grad():
@@ -243,6 +345,7 @@ class EarlyStopping(Callback):
                         p.copy_(self._best_params[name])
 
     def state_dict(self) -> dict[str, Any]:
+        """Return best value, its step, the wait count and the best parameters."""
         return {
             "best": self.best,
             "best_step": self.best_step,
@@ -251,12 +354,14 @@ class EarlyStopping(Callback):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`."""
         self.best = float(state["best"])
         self.best_step = int(state["best_step"])
         self.wait = int(state["wait"])
         self._best_params = state["best_params"]
 
     def __repr__(self) -> str:
+        """Monitor, patience, mode and interval."""
         return (
             f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience}, "
             f"mode={self.mode!r}, interval={self.interval!r})"

@@ -16,16 +16,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
+from ._rng import shuffling_seed
+
 __all__ = ["Batch", "DataSource", "as_data_source", "epoch_order", "global_batches", "shard_batch"]
 
 
 class Batch(NamedTuple):
     """One minibatch as ``fit`` passes it to the model and guide.
 
-    Attributes:
-        args: Positional tensors, e.g. ``(x_b,)`` or ``(x_b, y_b)``.
-        kwargs: Keyword tensors (for dict-valued data), otherwise empty.
-        idx: ``torch.long`` rows of the full data set, on the data's device.
+    Attributes
+    ----------
+    args : tuple
+        Positional tensors, e.g. ``(x_b,)`` or ``(x_b, y_b)``.
+    kwargs : Mapping
+        Keyword tensors (for dict-valued data), otherwise empty.
+    idx : torch.Tensor
+        ``torch.long`` rows of the full data set, on the data's device.
     """
 
     args: tuple[Any, ...]
@@ -33,45 +39,93 @@ class Batch(NamedTuple):
     idx: torch.Tensor
 
 
-def _seed_from(*words: int) -> int:
-    """A 63-bit seed derived from a tuple of non-negative integers (collision resistant)."""
-    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-_ORDER_STREAM = 0x5EED0
-_LOADER_STREAM = 0x10AD
-EVAL_STREAM = 0xE7A1
-
-
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    """The order of the rows of an ``n``-row data set in epoch ``epoch`` (a ``torch.long`` tensor).
+    """Order the rows of an ``n``-row data set for epoch ``epoch``.
 
-    A seeded permutation when ``shuffle``, else ``arange(n)``; the same on every process.
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    seed : int
+        The run's seed.
+    epoch : int
+        The 0-based epoch.
+    shuffle : bool
+        Permute (else keep the order).
+
+    Returns
+    -------
+    torch.Tensor
+        A ``torch.long`` seeded permutation (the training shuffling stream of
+        :mod:`._rng`) when ``shuffle``, else ``arange(n)``; the same on every process.
     """
     if not shuffle:
         return torch.arange(n)
-    gen = torch.Generator().manual_seed(_seed_from(_ORDER_STREAM, seed, epoch))
+    gen = torch.Generator().manual_seed(shuffling_seed(seed, epoch))
     return torch.randperm(n, generator=gen)
 
 
 def global_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
-    """Split an epoch's order into consecutive global minibatches of ``batch_size`` rows."""
+    """Split an epoch's order into consecutive global minibatches of ``batch_size`` rows.
+
+    Parameters
+    ----------
+    order : torch.Tensor
+        The epoch's row order.
+    batch_size : int
+        Rows per minibatch.
+    drop_last : bool
+        Drop an incomplete last minibatch.
+
+    Returns
+    -------
+    list of torch.Tensor
+        The minibatches' row indices.
+    """
     n = order.shape[0]
     stop = (n // batch_size) * batch_size if drop_last else n
     return [order[i : min(i + batch_size, n)] for i in range(0, stop, batch_size)]
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
-    """Number of minibatches in one epoch."""
+    """Count the minibatches in one epoch.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    batch_size : int
+        Rows per minibatch.
+    drop_last : bool
+        Whether an incomplete last minibatch is dropped.
+
+    Returns
+    -------
+    int
+        ``n // batch_size`` when dropping, else ``ceil(n / batch_size)``.
+    """
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This process's share ``batch[rank::world_size]`` of a global minibatch.
+    """Take a process's share ``batch[rank::world_size]`` of a global minibatch.
 
     The shares of all processes partition the global minibatch, so the processes together see
     exactly the rows one process would see with the global batch size.
+
+    Parameters
+    ----------
+    batch : torch.Tensor
+        The global minibatch's row indices.
+    rank : int
+        The process's rank.
+    world_size : int
+        Number of processes.
+
+    Returns
+    -------
+    torch.Tensor
+        The share.
     """
     if world_size == 1:
         return batch
@@ -125,7 +179,23 @@ class DataSource:
     default_batch_size: int | None
     default_drop_last: bool
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the minibatch of each index tensor in ``index_batches``.
+
+        Parameters
+        ----------
+        index_batches : sequence of torch.Tensor
+            Row indices of each minibatch (``torch.long``, on the CPU).
+        generator_seed : int
+            Seed of a ``DataLoader``'s own generator (see :func:`._rng.loader_seed`).
+
+        Yields
+        ------
+        Batch
+            The rows, as the model and guide receive them.
+        """
         raise NotImplementedError
 
 
@@ -141,7 +211,10 @@ class _TensorSource(DataSource):
         self._full_idx = torch.arange(self.n, device=self.device)
         self._full_idx_cpu = torch.arange(self.n)
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the rows of each index tensor (the full tensors for the full index)."""
         for idx in index_batches:
             if idx.shape[0] == self.n and torch.equal(idx, self._full_idx_cpu):
                 yield Batch(self.args, self.kwargs, self._full_idx)
@@ -168,13 +241,16 @@ class _DatasetSource(DataSource):
         self.default_batch_size = default_batch_size
         self.default_drop_last = default_drop_last
 
-    def batches(self, index_batches: Sequence[torch.Tensor], epoch_seed: int) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], generator_seed: int
+    ) -> Iterator[Batch]:
+        """Yield the collated rows of each index tensor through a ``DataLoader``."""
         if not index_batches:
             return
         lists = [b.tolist() for b in index_batches]
         # A generator of our own: the loader must not draw its worker seed from the global RNG,
         # or a run resumed mid-epoch would diverge from an uninterrupted one.
-        gen = torch.Generator().manual_seed(_seed_from(_LOADER_STREAM, epoch_seed))
+        gen = torch.Generator().manual_seed(generator_seed)
         loader = DataLoader(self.dataset, batch_sampler=lists, generator=gen, **self.loader_kwargs)
         non_blocking = bool(self.loader_kwargs.get("pin_memory", False))
         for idx, collated in zip(index_batches, loader, strict=True):
@@ -201,9 +277,26 @@ def as_data_source(data: Any, name: str, device: torch.device | None) -> DataSou
     a ``DataLoader`` over one (its dataset, batch size, ``drop_last``, collate function and worker
     settings are used; its sampler is replaced by ``fit``'s seeded order).
 
-    Raises:
-        TypeError: for any other type, naming the argument.
-        ValueError: for empty data, mismatched lengths, or NaN/inf in floating tensors.
+    Parameters
+    ----------
+    data : Any
+        The data as given to ``fit``.
+    name : str
+        The argument's name, for messages (``"data"`` or ``"eval_data"``).
+    device : torch.device or None
+        Device the rows are moved to.
+
+    Returns
+    -------
+    DataSource
+        Uniform access to the rows.
+
+    Raises
+    ------
+    TypeError
+        For any other type, naming the argument.
+    ValueError
+        For empty data, mismatched lengths, or NaN/inf in floating tensors.
     """
     if isinstance(data, torch.Tensor):
         _check_tensor(name, data, None)

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["plot_history"]
 
 _SKIP = frozenset({"step", "epoch"})
+_NOT_BY_DEFAULT = frozenset({"loss", "lr", "grad_norm", "loss_total"})
+# Totals over different numbers of rows (N training, M held-out): never drawn on one axis.
+_NO_EVAL_OVERLAY = frozenset({"loss_total"})
 
 
 def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
@@ -39,22 +42,36 @@ def plot_history(
 
     Each panel shows the per-step values (faint when smoothed), their moving average over
     ``smooth`` steps, and, given a :class:`FitResult` with evaluation, the held-out value
-    ``eval_<key>`` at the end of each evaluated epoch as markers.
+    ``eval_<key>`` at the end of each evaluated epoch as markers. Like is plotted with like:
+    ``loss`` and ``eval_loss`` are both per data point (training loss over ``N`` rows divided by
+    ``N``, held-out loss over ``M`` rows divided by ``M``), so their gap is the generalization gap
+    in nats per point; the totals (``loss_total``, over different ``N`` and ``M``) are never
+    overlaid.
 
-    Args:
-        result: A :class:`FitResult`, or a per-step history mapping such as ``result.history``.
-        keys: Quantities to draw; default: ``loss``, every term, ``grad_norm`` if present and
-            ``lr`` (``eval_*`` keys of the epoch history may be named too).
-        smooth: Moving-average window in steps (1 draws the raw values only).
-        logy: ``True`` for log scale on every panel, or the keys whose panel gets one.
-        ncols: Panels per row.
-        figsize: Figure size in inches; default scales with the number of panels.
+    Parameters
+    ----------
+    result : FitResult or Mapping of str to numpy.ndarray
+        A :class:`FitResult`, or a per-step history mapping such as ``result.history``.
+    keys : iterable of str, optional
+        Quantities to draw; default: ``loss``, every term, ``grad_norm`` if present and ``lr``
+        (``eval_*`` keys of the epoch history and ``loss_total`` may be named too).
+    smooth : int
+        Moving-average window in steps (1 draws the raw values only).
+    logy : bool or iterable of str
+        ``True`` for log scale on every panel, or the keys whose panel gets one.
+    ncols : int
+        Panels per row.
+    figsize : tuple of float, optional
+        Figure size in inches; default scales with the number of panels.
 
-    Returns:
-        The matplotlib ``Figure``.
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure.
 
-    Example:
-        >>> # fig = plot_history(result, smooth=50); fig.savefig("history.png")
+    Examples
+    --------
+    >>> # fig = plot_history(result, smooth=50); fig.savefig("history.png")
     """
     import matplotlib.pyplot as plt
 
@@ -70,7 +87,7 @@ def plot_history(
     if "loss" not in steps_hist and not epoch_hist:
         raise ValueError("`result` has no history to plot")
     if keys is None:
-        order = ["loss"] + [k for k in steps_hist if k not in _SKIP | {"loss", "lr", "grad_norm"}]
+        order = ["loss"] + [k for k in steps_hist if k not in _SKIP | _NOT_BY_DEFAULT]
         order += [k for k in ("grad_norm", "lr") if k in steps_hist]
         keys = [k for k in order if k in steps_hist]
     keys = list(keys)
@@ -110,7 +127,7 @@ def plot_history(
                 ax.plot(xs, y, color="C0", lw=1.0, label=key)
             plotted = True
         eval_key = key if key.startswith("eval_") else f"eval_{key}"
-        if eval_key in epoch_hist and "step" in epoch_hist:
+        if eval_key in epoch_hist and "step" in epoch_hist and key not in _NO_EVAL_OVERLAY:
             ey = np.asarray(epoch_hist[eval_key], dtype=float)
             keep = ~np.isnan(ey)
             if keep.any():
@@ -126,6 +143,8 @@ def plot_history(
         if not plotted and key in epoch_hist:
             ax.plot(epoch_hist["step"], epoch_hist[key], "o-", color="C1", ms=4, label=key)
         ax.set_title(key)
+        if key == "loss":
+            ax.set_ylabel("per data point")
         ax.set_xlabel("step")
         if key in log_keys:
             ax.set_yscale("log")

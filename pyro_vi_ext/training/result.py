@@ -22,13 +22,31 @@ INT_COLUMNS = frozenset({"step", "epoch"})
 
 
 class HistoryTable:
-    """Column store for history rows; missing entries are NaN (mutable, internal)."""
+    """Column store for history rows; missing entries are NaN (mutable, internal).
+
+    Attributes
+    ----------
+    cols : dict of str to list of float
+        One list per history key, all of length ``n``.
+    n : int
+        Number of rows.
+    """
 
     def __init__(self) -> None:
         self.cols: dict[str, list[float]] = {}
         self.n = 0
 
+    def __repr__(self) -> str:
+        return f"HistoryTable({self.n} rows: {', '.join(self.cols)})"
+
     def append(self, row: Mapping[str, float]) -> None:
+        """Add a row; keys it lacks get NaN, new keys are NaN in earlier rows.
+
+        Parameters
+        ----------
+        row : Mapping of str to float
+            The row.
+        """
         cols = self.cols
         for k, v in row.items():
             col = cols.get(k)
@@ -41,10 +59,14 @@ class HistoryTable:
                 if len(col) < self.n:
                     col.append(math.nan)
 
-    def column(self, key: str, start: int = 0) -> list[float]:
-        return self.cols[key][start:]
-
     def to_numpy(self) -> Mapping[str, np.ndarray]:
+        """Read-only numpy arrays (int64 for ``step``/``epoch``) in a read-only mapping.
+
+        Returns
+        -------
+        Mapping of str to numpy.ndarray
+            The columns.
+        """
         out = {}
         for k, col in self.cols.items():
             arr = np.asarray(col, dtype=np.int64 if k in INT_COLUMNS else np.float64)
@@ -53,6 +75,13 @@ class HistoryTable:
         return MappingProxyType(out)
 
     def to_state(self) -> dict[str, torch.Tensor]:
+        """Convert the columns to tensors, for checkpoints.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``int64`` for ``step``/``epoch``, ``float64`` otherwise.
+        """
         return {
             k: torch.tensor(col, dtype=torch.int64 if k in INT_COLUMNS else torch.float64)
             for k, col in self.cols.items()
@@ -60,6 +89,23 @@ class HistoryTable:
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> HistoryTable:
+        """Rebuild a table saved with :meth:`to_state`.
+
+        Parameters
+        ----------
+        state : Mapping of str to torch.Tensor
+            The saved columns.
+
+        Returns
+        -------
+        HistoryTable
+            The table.
+
+        Raises
+        ------
+        ValueError
+            If the columns differ in length.
+        """
         table = cls()
         lengths = {len(v) for v in state.values()}
         if len(lengths) > 1:
@@ -72,37 +118,58 @@ class HistoryTable:
         return table
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FitResult:
     """What :func:`fit` returns (immutable, like NumPyro's ``SVIRunResult``).
 
-    Attributes:
-        params: Constrained values of every parameter in Pyro's param store at the end of
-            training, detached copies keyed by name (after a non-finite loss: the values from
-            before the failing step; with ``EarlyStopping(restore_best=True)``: the best ones).
-        history: Per-step numpy arrays: ``step`` (1-based), ``epoch`` (0-based), ``loss``,
-            ``lr`` (learning rate of the first parameter's optimizer), ``grad_norm`` (global L2
-            norm of the gradients, before clipping) and every term reported by the loss in
-            ``loss.last_terms`` under its own name (``term_<key>`` if the key is one of these).
-            Under data-parallel training, the values are the global-batch values (averaged over
-            processes, weighted by shard size).
-        epoch_history: Per completed epoch: ``epoch`` (1-based), ``step``, the epoch means of
-            ``loss`` and of the terms, ``lr`` at the end of the epoch, and ``eval_loss`` plus
-            ``eval_<term>`` (NaN on epochs without evaluation).
-        num_steps: Completed optimizer steps (counting those before a resume).
-        num_epochs: Completed epochs.
-        seed: The seed the run used (drawn at random and recorded when ``seed=None``).
-        stop_reason: ``"completed"``, ``"early_stopping"``, ``"callback"``, ``"interrupted"``
-            (KeyboardInterrupt) or ``"non_finite"`` (NaN or infinite loss or gradient).
-        message: A human-readable account of how training ended.
-        checkpoint: Path of the last checkpoint written or kept, or ``None``.
-        world_size: Number of data-parallel processes.
-        elapsed: Wall-clock seconds spent in this call.
+    Losses are reported per data point: ``loss`` is the minibatch estimate of the full-data
+    negative ELBO (or the loss's own objective) divided by the number of training rows ``N``,
+    ``eval_loss`` the held-out loss divided by the number of held-out rows ``M``, so the two
+    are on one scale (nats per point for ELBO losses). The totals are kept as ``loss_total``
+    (an estimate over ``N`` rows) and ``eval_loss_total`` (over ``M`` rows).
 
-    Example:
-        >>> # result = fit(model, guide, x, Trace_ELBO(), Adam({"lr": 0.01}), num_steps=1000)
-        >>> # result.history["loss"][-10:].mean(), result.params["AutoNormal.locs.w"]
-        >>> # result.plot()
+    Attributes
+    ----------
+    params : Mapping of str to torch.Tensor
+        Constrained values of every parameter in Pyro's param store at the end of training,
+        detached copies keyed by name (after a non-finite loss: the values from before the
+        failing step; with ``EarlyStopping(restore_best=True)``: the best ones).
+    history : Mapping of str to numpy.ndarray
+        Per-step read-only arrays: ``step`` (1-based), ``epoch`` (0-based), ``loss`` (per data
+        point), ``loss_total``, ``lr`` (learning rate of the first parameter's optimizer),
+        ``grad_norm`` (global L2 norm of the gradients before clipping) and every term the
+        loss reports in ``loss.last_terms``, under its own name (``term_<key>`` for a reserved
+        key). Under data-parallel training these are the global-batch values.
+    epoch_history : Mapping of str to numpy.ndarray
+        Per completed epoch: ``epoch`` (1-based), ``step``, the epoch means of the step
+        quantities, ``lr`` at the end of the epoch, and ``eval_loss`` (per held-out point),
+        ``eval_loss_total`` and ``eval_<term>`` (NaN on epochs without evaluation).
+    num_steps : int
+        Completed optimizer steps (counting those before a resume).
+    num_epochs : int
+        Completed epochs.
+    seed : int
+        The seed the run used (drawn at random and recorded when ``seed=None``).
+    stop_reason : {"completed", "early_stopping", "callback", "interrupted", "non_finite"}
+        Why training ended (``"interrupted"``: Ctrl-C / ``KeyboardInterrupt``;
+        ``"non_finite"``: a NaN or infinite loss or gradient).
+    message : str
+        A human-readable account of how training ended (and what was resumed, and any
+        checkpoint write that failed).
+    checkpoint : str or None
+        Path of the last checkpoint written or kept.
+    world_size : int
+        Number of data-parallel processes.
+    elapsed : float
+        Wall-clock seconds spent in this call.
+    resumed_from : str or None
+        The checkpoint this call resumed from.
+
+    Examples
+    --------
+    >>> # result = fit(model, guide, x, Trace_ELBO(), Adam({"lr": 0.01}), num_steps=1000)
+    >>> # result.history["loss"][-10:].mean(), result.params["AutoNormal.locs.w"]
+    >>> # result.plot()
     """
 
     params: Mapping[str, torch.Tensor]
@@ -116,15 +183,54 @@ class FitResult:
     checkpoint: str | None
     world_size: int
     elapsed: float
+    resumed_from: str | None = None
 
     @property
     def final_loss(self) -> float:
-        """The loss of the last completed step (NaN if no step completed)."""
+        """The per-point loss of the last completed step (NaN if no step completed)."""
         loss = self.history.get("loss")
         return float(loss[-1]) if loss is not None and len(loss) else math.nan
 
+    def __repr__(self) -> str:
+        """Short summary: steps, epochs, stop reason, final losses and parameter shapes."""
+        parts = [
+            f"num_steps={self.num_steps}",
+            f"num_epochs={self.num_epochs}",
+            f"stop_reason={self.stop_reason!r}",
+            f"final_loss={self.final_loss:.6g}",
+        ]
+        eval_loss = self.epoch_history.get("eval_loss")
+        if eval_loss is not None:
+            finite = eval_loss[~np.isnan(eval_loss)]
+            if finite.size:
+                parts.append(f"final_eval_loss={float(finite[-1]):.6g}")
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self.params.items())[:6])
+        more = len(self.params) - 6
+        shapes += f", ... ({more} more)" if more > 0 else ""
+        parts.append(f"params={{{shapes}}}")
+        parts.append(f"history keys={sorted(self.history)}")
+        parts.append(f"seed={self.seed}")
+        if self.checkpoint:
+            parts.append(f"checkpoint={self.checkpoint!r}")
+        parts.append(f"elapsed={self.elapsed:.1f}s")
+        return "FitResult(" + ", ".join(parts) + ")"
+
     def plot(self, keys: Iterable[str] | None = None, **kwargs: Any) -> Figure:
-        """Draw the history with :func:`~pyro_vi_ext.training.plot_history`."""
+        """Draw the history with :func:`~pyro_vi_ext.training.plot_history`.
+
+        Parameters
+        ----------
+        keys : iterable of str, optional
+            Quantities to draw (default: per-point ``loss`` with ``eval_loss``, every term,
+            ``grad_norm`` and ``lr``).
+        **kwargs
+            Passed to :func:`~pyro_vi_ext.training.plot_history`.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            The figure.
+        """
         from .plotting import plot_history
 
         return plot_history(self, keys=keys, **kwargs)

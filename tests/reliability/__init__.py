@@ -1,0 +1,1 @@
+"""Fault-injection regression suites (issue 13)."""

@@ -15,7 +15,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-import pyro_vi_ext.training.runner as fit_module
+import pyro_vi_ext.training.checkpoint as fit_module
 from pyro_vi_ext.training import fit
 from tests.training._problems import (
     delta_guide,

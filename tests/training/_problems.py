@@ -13,7 +13,7 @@ TAU = 1.0  # prior scale of the regression weights
 
 
 def regression_data(n: int = 250, d: int = 2, seed: int = 1):
-    """Data of a Bayesian linear regression and its exact Gaussian posterior (mean, covariance)."""
+    """Draw regression data and the exact Gaussian posterior (mean, covariance)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
     w_true = torch.linspace(1.0, -2.0, d)

@@ -1,3 +1,5 @@
+"""Fixtures of the training tests."""
+
 import pytest
 import torch
 

@@ -80,6 +80,7 @@ def _assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def run_and_reference(tmp_path_factory):
+    """Build the run configuration and its uninterrupted reference result."""
     pyro.set_rng_seed(0)
     run = _Run()
     path = tmp_path_factory.mktemp("ref") / "ref.pt"
@@ -94,6 +95,7 @@ def run_and_reference(tmp_path_factory):
     ids=["raise-mid-epoch", "raise-at-epoch-end", "sigint-mid-epoch", "sigint-at-epoch-end"],
 )
 def test_interrupt_then_resume_equals_uninterrupted(run_and_reference, tmp_path, how, k):
+    """Interrupt (raise or SIGINT) then resume: bit-identical to no interruption."""
     run, reference = run_and_reference
     path = tmp_path / "ckpt.pt"
     stopper = _raise_at(k) if how == "raise" else _sigint_at(k)
@@ -111,6 +113,7 @@ def test_interrupt_then_resume_equals_uninterrupted(run_and_reference, tmp_path,
 
 
 def test_keyboard_interrupt_without_checkpoint_returns_partial_result(run_and_reference):
+    """Without a checkpoint an interrupt still returns the partial result."""
     run, reference = run_and_reference
     partial = run(extra_callbacks=[_raise_at(5)])
     assert partial.stop_reason == "interrupted" and partial.num_steps == 5
@@ -121,6 +124,7 @@ def test_keyboard_interrupt_without_checkpoint_returns_partial_result(run_and_re
 
 
 def test_checkpoint_content_loads_weights_only(run_and_reference, tmp_path):
+    """The checkpoint holds what the format promises and loads weights-only."""
     run, reference = run_and_reference
     path = tmp_path / "c.pt"
     seen = {}
@@ -140,11 +144,12 @@ def test_checkpoint_content_loads_weights_only(run_and_reference, tmp_path):
     assert set(state["optim"]) == set(result.params)  # one optimizer state per parameter
     assert "scheduler" in state["optim"]["W"]
     np.testing.assert_array_equal(state["history"]["loss"].numpy(), result.history["loss"])
-    assert state["callbacks"][0]["best_step"] >= 10
+    assert state["callbacks"]["EarlyStopping"]["best_step"] >= 10
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic write
 
 
 def test_resume_edge_cases(run_and_reference, tmp_path):
+    """Resume without a file, of a finished run, with another batch size, of a foreign file."""
     run, reference = run_and_reference
     path = tmp_path / "c.pt"
     fresh = run(checkpoint=path, resume=True)  # no file yet: starts afresh
@@ -163,7 +168,7 @@ def test_resume_edge_cases(run_and_reference, tmp_path):
 
 # ---------------------------------------------------------------------------- non-finite values
 def _poisoned(k, where="loss"):
-    """A regression model that produces a NaN loss (or an infinite gradient) at step k."""
+    """Build a regression model that produces a NaN loss (or an infinite gradient) at step k."""
     state = {"completed": 0}
 
     def model(x, y=None, *, idx=None, n_data=None):
@@ -187,6 +192,7 @@ def _poisoned(k, where="loss"):
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's own notice of the injected NaN
 @pytest.mark.parametrize("where", ["loss", "distribution", "gradient"])
 def test_non_finite_stops_with_previous_parameters(tmp_path, where):
+    """A NaN loss, invalid distribution or infinite gradient stops with step k-1's state."""
     x, y, _, _ = regression_data(n=40)
     k = 7
     model, count, _ = _poisoned(k, where)
@@ -217,6 +223,7 @@ def test_non_finite_stops_with_previous_parameters(tmp_path, where):
 
 
 def test_save_refuses_non_finite_parameters(tmp_path):
+    """save_checkpoint refuses NaN parameters and keeps the good file."""
     path = tmp_path / "c.pt"
     good = {"step": 1, "params": {"a": torch.ones(2)}, "format": "pyro_vi_ext.fit/1"}
     assert save_checkpoint(path, good)

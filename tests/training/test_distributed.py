@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    """Run the two-process worker once and load what each rank saw."""
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -33,6 +34,7 @@ def ranks(tmp_path_factory):
 
 
 def test_ranks_end_with_identical_parameters(ranks):
+    """Both ranks end with the same parameters and one global history."""
     _, (r0, r1) = ranks
     for run in ("a", "b", "c"):
         for name in r0[run]["params"]:
@@ -70,6 +72,7 @@ def test_matches_one_process_with_the_global_batch(ranks):
 
 
 def test_only_rank0_writes_checkpoints_and_shows_progress(ranks):
+    """Only rank 0 writes checkpoints and draws the bar."""
     out, (r0, r1) = ranks
     assert r1["saves"] == [] and len(r0["saves"]) >= 3
     assert "21/21" in r0["b"]["stderr"] and r1["b"]["stderr"] == ""
@@ -83,6 +86,7 @@ def test_only_rank0_writes_checkpoints_and_shows_progress(ranks):
 
 
 def test_a_stop_on_one_rank_stops_all_and_resume_is_exact(ranks):
+    """A stop on rank 1 stops both; the resume ends where run B ended."""
     _, (r0, r1) = ranks
     for r in (r0, r1):
         assert r["c"]["stop_reason"] == "callback" and r["c"]["stopped_at"] == 10

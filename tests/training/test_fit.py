@@ -85,6 +85,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_minibatch_convention(drop_last):
+    """Every step gets x[idx], idx and N; epochs cover the rows once, reshuffled."""
     n, bs, epochs = 23, 5, 3
     x, y, _, _ = regression_data(n=n)
     rec = _Recorder(delta_guide)
@@ -117,6 +118,7 @@ def test_minibatch_convention(drop_last):
 
 
 def test_no_shuffle_and_full_batch():
+    """shuffle=False keeps the order; no batch size means full batch, scale 1."""
     x, y, _, _ = regression_data(n=12)
     rec = _Recorder(delta_guide)
     fit(regression_model, rec, (x, y), Trace_ELBO(), _adam(), num_epochs=2, batch_size=5,
@@ -145,7 +147,7 @@ def test_minibatch_scaling_is_unbiased():
 
     class _Keep(Callback):
         def on_step_end(self, info):
-            losses.append(info.values["loss"])
+            losses.append(info.values["loss_total"])
 
     fit(regression_model, frozen_guide, (x, y), Trace_ELBO(), _adam(), num_epochs=1,
         batch_size=6, callbacks=[_Keep()])  # fmt: skip
@@ -161,6 +163,7 @@ def _short_run(data, seed=0, **kw):
 
 
 def test_reproducible_from_seed():
+    """Same seed, same run; another seed, another run; seed=None is recorded."""
     x, y, _, _ = regression_data(n=40)
     a, b, c = _short_run((x, y), seed=5), _short_run((x, y), seed=5), _short_run((x, y), seed=6)
     assert np.array_equal(a.history["loss"], b.history["loss"])
@@ -198,6 +201,7 @@ def test_data_forms_give_identical_runs():
 
 
 def test_single_tensor_unsupervised_data():
+    """One tensor of data trains an amortized model."""
     lm = LocalLatentModel()
     x = lm.data(n=32)
     result = fit(lm.model, lm.guide, x, Trace_ELBO(), _adam(0.02), num_steps=5, batch_size=8)
@@ -227,6 +231,7 @@ LOSSES = {
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_every_loss_trains_through_fit(name):
+    """Pyro's and this package's losses train, evaluate and log their terms."""
     loss = LOSSES[name]()
     lm = LocalLatentModel()
     x = lm.data(n=96)
@@ -272,24 +277,27 @@ class _TermsELBO(Trace_ELBO):
 
 
 def test_terms_set_step_and_history_arrays():
+    """Terms, set_step, epoch means and read-only arrays in the history."""
     x, y, _, _ = regression_data(n=40)
     x_test, y_test, _, _ = regression_data(n=20, seed=7)
     loss = _TermsELBO()
     result = fit(regression_model, regression_guide, (x, y), loss, _adam(), num_epochs=3,
                  batch_size=10, eval_data=(x_test, y_test))  # fmt: skip
     h, eh = result.history, result.epoch_history
-    assert set(h) == {"step", "epoch", "loss", "lr", "grad_norm", "elbo", "schedule", "term_loss"}
+    assert set(h) == {
+        "step", "epoch", "loss", "loss_total", "lr", "grad_norm", "elbo", "schedule", "term_loss"
+    }  # fmt: skip
     assert np.all(h["grad_norm"] > 0)
     assert all(isinstance(v, np.ndarray) for v in h.values())
     assert h["step"].dtype == np.int64 and h["loss"].dtype == np.float64
-    np.testing.assert_array_equal(h["elbo"], -h["loss"])
-    np.testing.assert_array_equal(h["term_loss"], 2 * h["loss"])
+    np.testing.assert_array_equal(h["elbo"], -h["loss_total"])
+    np.testing.assert_array_equal(h["term_loss"], 2 * h["loss_total"])
     np.testing.assert_array_equal(h["schedule"], np.arange(12))  # set_step(completed steps)
     assert loss.steps_seen[-12:] == list(range(12))
     np.testing.assert_allclose(eh["loss"], h["loss"].reshape(3, 4).mean(1))
     np.testing.assert_array_equal(eh["epoch"], [1, 2, 3])
     np.testing.assert_array_equal(eh["step"], [4, 8, 12])
-    np.testing.assert_array_equal(eh["eval_elbo"], -eh["eval_loss"])
+    np.testing.assert_array_equal(eh["eval_elbo"], -eh["eval_loss_total"])
     np.testing.assert_array_equal(eh["eval_schedule"], [-1.0, -1.0, -1.0])
     with pytest.raises((TypeError, ValueError)):
         h["loss"][0] = 0.0  # read-only arrays
@@ -310,7 +318,7 @@ def test_evaluation_is_exact_and_does_not_perturb_training():
     result = fit(regression_model, delta_guide, (x, y), Trace_ELBO(), _adam(), **common,
                  eval_data=(x_test, y_test), eval_batch_size=7, eval_every=2)  # fmt: skip
     np.testing.assert_array_equal(plain.history["loss"], result.history["loss"])
-    ev = result.epoch_history["eval_loss"]
+    ev = result.epoch_history["eval_loss_total"]
     assert np.isnan(ev[0]) and np.isnan(ev[2]) and np.isfinite(ev[1])
     w = result.params["loc"]
     exact = -(
@@ -321,6 +329,7 @@ def test_evaluation_is_exact_and_does_not_perturb_training():
 
 
 def test_stochastic_guide_evaluation_does_not_perturb_training():
+    """Evaluation leaves a stochastic guide's training draws unchanged."""
     x, y, _, _ = regression_data(n=40)
     plain = _short_run((x, y))
     with_eval = _short_run((x, y), eval_data=(x[:10], y[:10]))
@@ -330,6 +339,7 @@ def test_stochastic_guide_evaluation_does_not_perturb_training():
 
 # ---------------------------------------------------------------------------- progress bar
 def test_progress_bar_only_when_asked_or_on_a_terminal(capsys):
+    """The bar shows only when asked for or on a terminal."""
     x, y, _, _ = regression_data(n=20)
     fit(regression_model, regression_guide, (x, y), _TermsELBO(), _adam(), num_steps=4,
         batch_size=10)  # fmt: skip
@@ -349,6 +359,7 @@ def _inverse(step):
 
 
 def test_torch_scheduler_per_step():
+    """A torch LambdaLR stepped every step."""
     x, y, _, _ = regression_data(n=20)
     optim = PyroLRScheduler(
         torch.optim.lr_scheduler.LambdaLR,
@@ -360,6 +371,7 @@ def test_torch_scheduler_per_step():
 
 
 def test_reduce_on_plateau_with_monitor():
+    """ReduceLROnPlateau needs a monitor and halves the rate as told."""
     x, y, _, _ = regression_data(n=20)
     optim = pyro.optim.ReduceLROnPlateau(
         {"optimizer": torch.optim.SGD, "optim_args": {"lr": 1e-3}, "factor": 0.5, "patience": 0,
@@ -373,6 +385,7 @@ def test_reduce_on_plateau_with_monitor():
 
 
 def test_gradient_clipping():
+    """clip_norm and clip_value bound the step; grad_norm is the raw norm."""
     x, y, _, _ = regression_data(n=20)
     sgd = pyro.optim.SGD({"lr": 1.0})
     pyro.param("loc", torch.zeros(2))
@@ -398,6 +411,7 @@ def test_gradient_clipping():
 
 # ---------------------------------------------------------------------------- callbacks
 def test_callbacks_hooks_and_stop():
+    """Hooks are called in order and a function callback can stop training."""
     x, y, _, _ = regression_data(n=20)
     events = []
 
@@ -428,6 +442,7 @@ def test_callbacks_hooks_and_stop():
 
 
 def test_early_stopping_on_held_out_loss():
+    """EarlyStopping on eval_loss stops after `patience` flat epochs."""
     x, y, _, _ = regression_data(n=20)
     frozen = pyro.optim.SGD({"lr": 0.0})  # nothing improves after the first epoch
     stopper = EarlyStopping("eval_loss", patience=2)
@@ -439,6 +454,7 @@ def test_early_stopping_on_held_out_loss():
 
 
 def test_early_stopping_restores_best_parameters():
+    """restore_best puts the best epoch's parameters back."""
     x, y, _, _ = regression_data(n=20)
     snapshots = {}
 
@@ -456,6 +472,7 @@ def test_early_stopping_restores_best_parameters():
 
 
 def test_early_stopping_step_interval_and_unknown_key():
+    """Step-interval stopping works; an unknown key is named."""
     x, y, _, _ = regression_data(n=20)
     stopper = EarlyStopping("loss", patience=1, interval="step", min_delta=1e9)
     result = fit(regression_model, delta_guide, (x, y), Trace_ELBO(), _adam(), num_steps=10,
@@ -510,6 +527,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_bad_input_raises_early_and_names_the_argument(case):
+    """Each bad argument raises before training, naming the argument."""
     args, kwargs, exc, match = _bad_calls()[case]
     with pytest.raises(exc, match=match):
         fit(*args, **kwargs)
@@ -517,6 +535,7 @@ def test_bad_input_raises_early_and_names_the_argument(case):
 
 
 def test_device_argument():
+    """device='cpu' works; CUDA without CUDA is refused clearly."""
     x, y, _, _ = regression_data(n=10)
     result = fit(regression_model, regression_guide, (x, y), Trace_ELBO(), _adam(), num_steps=2,
                  device="cpu")  # fmt: skip
@@ -528,6 +547,8 @@ def test_device_argument():
 
 
 def test_iterable_dataset_is_rejected():
+    """An IterableDataset is refused with the reason."""
+
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             yield torch.zeros(2)

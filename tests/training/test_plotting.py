@@ -34,6 +34,7 @@ class _TermsELBO(Trace_ELBO):
 
 @pytest.fixture(scope="module")
 def result():
+    """Fit briefly, with terms and evaluation, to have something to plot."""
     pyro.clear_param_store()
     x, y, _, _ = regression_data(n=40)
     return fit(regression_model, regression_guide, (x, y), _TermsELBO(),
@@ -42,6 +43,7 @@ def result():
 
 
 def test_default_panels_and_eval_markers(result):
+    """Default panels; per-point eval_loss markers on the per-point loss panel."""
     fig = plot_history(result, smooth=3)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ["loss", "elbo", "grad_norm", "lr"]
@@ -58,6 +60,7 @@ def test_default_panels_and_eval_markers(result):
 
 
 def test_key_selection_log_scale_and_errors(result):
+    """Chosen keys, log scale, bare mappings and errors."""
     fig = result.plot(keys=["loss", "eval_elbo"], logy=["loss"], ncols=1)
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["loss", "eval_elbo"]
