@@ -121,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard events to DIR (every history value; latent traversals each epoch)",
+    )
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the step history to FILE and the epoch history to FILE.epochs.csv",
+    )
     return parser
 
 
@@ -164,6 +178,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     _check_memory(parser, args, device)
     _check_out(parser, args.out)
+    if args.tensorboard is not None:
+        _check_out(parser, args.tensorboard, "--tensorboard")
+    if args.csv is not None:
+        if args.csv.exists() and not args.csv.is_file():
+            parser.error(f"--csv {str(args.csv)!r} exists and is not a regular file")
+        _check_out(parser, Path(os.path.abspath(args.csv)).parent, "--csv")
 
 
 def _available_bytes(device) -> int:
@@ -187,20 +207,20 @@ def _check_memory(parser: argparse.ArgumentParser, args: argparse.Namespace, dev
         )
 
 
-def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
-    """Check that the report folder can be created and written, before any training."""
+def _check_out(parser: argparse.ArgumentParser, out: Path, option: str = "--out") -> None:
+    """Check that an output folder can be created and written, before any training."""
     resolved = Path(os.path.abspath(out))
     for root in ("/proc", "/sys", "/dev"):
         if resolved == Path(root) or Path(root) in resolved.parents:
-            parser.error(f"--out {str(out)!r} lies under {root}, which cannot hold a report")
+            parser.error(f"{option} {str(out)!r} lies under {root}, which cannot hold a report")
     if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} exists and is not a folder")
+        parser.error(f"{option} {str(out)!r} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        parser.error(f"--out {str(out)!r} cannot be written ({error.strerror or error})")
+        parser.error(f"{option} {str(out)!r} cannot be written ({error.strerror or error})")
 
 
 def _build_model(args):
@@ -220,7 +240,7 @@ def _build_loss(args):
 
     if args.loss == "decomposed":
         return DecomposedELBO(
-            beta=args.beta, estimator=args.estimator, num_particles=args.num_particles
+            beta=args.beta, aggregate=args.estimator, num_particles=args.num_particles
         )
     if args.loss == "iwae":
         return ImportanceWeightedELBO(num_particles=args.num_particles, estimator=args.estimator)
@@ -228,6 +248,14 @@ def _build_loss(args):
 
 
 def _traversals(vae, image, path: Path, steps: int = 9) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _traversal_figure(vae, image, steps)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _traversal_figure(vae, image, steps: int = 9):
     import matplotlib.pyplot as plt
     import torch
 
@@ -255,8 +283,27 @@ def _traversals(vae, image, path: Path, steps: int = 9) -> None:
                 ax.set_title(f"{values[col]:+.1f}", fontsize=7)
     fig.suptitle("Latent traversals (rows sorted by KL from the prior)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
+
+
+def _loggers(args: argparse.Namespace, vae, data, device) -> list:
+    """The TensorBoard and CSV logger callbacks asked for by ``--tensorboard`` and ``--csv``."""
+    from pyro_vi_ext.training import CSVLogger, TensorBoardLogger
+
+    callbacks = []
+    if args.tensorboard is not None:
+        import torch
+
+        probe = data.images(torch.arange(1))[0].to(device)
+        callbacks.append(
+            TensorBoardLogger(
+                args.tensorboard,
+                images=lambda info: {"traversals": _traversal_figure(vae, probe)},
+            )
+        )
+    if args.csv is not None:
+        callbacks.append(CSVLogger(args.csv, args.csv.with_suffix(".epochs.csv")))
+    return callbacks
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -319,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
 
     vae = _build_model(args).to(device)
     loss = _build_loss(args)
+    callbacks = _loggers(args, vae, data, device)
     print("training (Ctrl-C stops after the current step)", flush=True)
     result = fit(
         vae.model,
@@ -331,6 +379,7 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         progress=False if args.no_progress else None,
         device=device,
+        callbacks=callbacks,
     )
     print(result.message)
     if result.stop_reason == "interrupted":

@@ -128,3 +128,60 @@ def test_help_describes_options():
     assert proc.returncode == 0
     for option in ("--model", "--loss", "--estimator", "--steps", "--device", "--out"):
         assert option in proc.stdout
+
+
+def test_logger_options_write_tensorboard_events_and_csv(tmp_path):
+    """``--tensorboard`` and ``--csv`` write every step of the run.
+
+    Three steps end no epoch, so the epoch-end traversal image is checked apart (below).
+    """
+    import csv
+
+    from tensorboard.backend.event_processing import event_accumulator
+
+    board, table = tmp_path / "tb", tmp_path / "history.csv"
+    argv = ["--steps", "3", "--batch-size", "32", "--surgery-points", "64", "--no-progress"]
+    argv += ["--out", str(tmp_path / "r"), "--tensorboard", str(board), "--csv", str(table)]
+    assert main(argv) == 0
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3]
+    assert {"loss", "total_correlation", "lr", "grad_norm"} <= set(rows[0])
+    reader = event_accumulator.EventAccumulator(
+        str(board), size_guidance={event_accumulator.IMAGES: 0, event_accumulator.SCALARS: 0}
+    )
+    reader.Reload()
+    assert [event.step for event in reader.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_tensorboard_option_draws_the_traversals_of_the_trained_model(tmp_path):
+    """The image source of ``--tensorboard`` returns a traversal figure of the current model."""
+    from matplotlib.figure import Figure
+
+    from models.__main__ import _build_model, _loggers, build_parser
+    from pyro_vi_ext.datasets import DSprites
+    from pyro_vi_ext.training import TensorBoardLogger
+
+    args = build_parser().parse_args(["--tensorboard", str(tmp_path / "tb")])
+    vae = _build_model(args)
+    data = DSprites(subgrid={"orientation": 1, "posX": 1, "posY": 1}, flatten=True)
+    (logger,) = _loggers(args, vae, data, "cpu")
+    assert isinstance(logger, TensorBoardLogger)
+    figure = logger.images(None)["traversals"]
+    assert isinstance(figure, Figure) and len(figure.axes) == 10 * 9
+
+
+def test_unwritable_logger_paths_fail_before_training(tmp_path):
+    """A ``--csv`` path that is a folder is refused with one line before any step."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "models", "--steps", "1", "--csv", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--csv" in result.stderr and "not a regular file" in result.stderr
+    assert "training" not in result.stdout

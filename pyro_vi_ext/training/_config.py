@@ -432,7 +432,9 @@ def resolve_batching(
     Raises
     ------
     ValueError
-        When the batch size exceeds the data or is smaller than the number of processes.
+        When the batch size exceeds the data or is smaller than the number of processes, or
+        when the loss's ``check_batching(num_points, batch_size, drop_last)`` (if it has one)
+        refuses the minibatches of an epoch.
     """
     if n_data < world_size:
         raise ValueError(f"`data` has {n_data} rows, fewer than the {world_size} processes")
@@ -451,6 +453,12 @@ def resolve_batching(
     eval_batch_size = None
     if n_eval is not None:
         eval_batch_size = min(config.eval_batch_size or default_eval_batch_size or n_eval, n_eval)
+    check_batching = getattr(config.loss, "check_batching", None)
+    if callable(check_batching) and world_size == 1:
+        # e.g. DecomposedELBO: every minibatch needs two points; catch a short last batch now
+        check_batching(n_data, batch_size, drop_last)
+        if eval_batch_size is not None:
+            check_batching(n_eval, eval_batch_size, False)
     return Batching(
         n_data=n_data,
         batch_size=batch_size,

@@ -86,3 +86,51 @@ def test_short_last_batch_under_mss_is_caught_before_the_run():
     model, guide = make_table_model(loc, scale, x)
     with pytest.raises(ValueError, match=r"Batch size 1 .*short last batch.*drop_last=True"):
         loss.loss(model, guide, batch_size=1)
+
+
+def test_fit_refuses_a_short_last_batch_before_step_one():
+    """``fit`` asks the loss about its minibatches: a last batch of one fails before any step."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from pyro_vi_ext import fit
+
+    def model(x, *, idx=None, n_data=None):
+        with pyro.plate("data", n_data or x.shape[0], subsample=idx):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x, *, idx=None, n_data=None):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", n_data or x.shape[0], subsample=idx):
+            pyro.sample("z", dist.Normal(loc.expand(x.shape[0], 2), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    calls = []
+    with pytest.raises(ValueError, match=r"101 points in batches of 50 leave a last batch of 1"):
+        fit(
+            model,
+            guide,
+            torch.randn(101, 2),
+            DecomposedELBO(),
+            pyro.optim.Adam({"lr": 0.01}),
+            num_epochs=1,
+            batch_size=50,
+            progress=False,
+            callbacks=[lambda info: calls.append(info.step)],
+        )
+    assert calls == []
+    # dropping the short batch is the documented way out
+    result = fit(
+        model,
+        guide,
+        torch.randn(101, 2),
+        DecomposedELBO(),
+        pyro.optim.Adam({"lr": 0.01}),
+        num_epochs=1,
+        batch_size=50,
+        drop_last=True,
+        progress=False,
+    )
+    assert len(result.history["loss"]) == 2
