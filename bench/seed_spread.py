@@ -64,7 +64,7 @@ def digits_split() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_loss(key: str, num_particles: int) -> pyro.infer.ELBO:
-    """The objective named ``key`` (``"elbo"``, ``"iwae"``, ``"stl"`` or ``"dreg"``).
+    """Build the objective named ``key`` (``"elbo"``, ``"iwae"``, ``"stl"`` or ``"dreg"``).
 
     Parameters
     ----------

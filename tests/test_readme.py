@@ -196,6 +196,7 @@ def _section_param(section: Section):
 def test_readme_section_runs(
     section: Section, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Every unskipped Python block of the section runs, in order, in one namespace."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +208,7 @@ def test_readme_section_runs(
 
 
 def test_readme_has_runnable_snippets() -> None:
+    """The extraction finds the README's blocks, and ``KNOWN_BROKEN`` names real sections."""
     runnable = [b for s in SECTIONS for b in s.blocks if b.skip_reason is None]
     assert len(runnable) >= 3, f"only {len(runnable)} runnable python blocks found in {README}"
     stale = sorted(set(KNOWN_BROKEN) - {section.heading for section in SECTIONS})
@@ -214,6 +216,7 @@ def test_readme_has_runnable_snippets() -> None:
 
 
 def test_parser_sections_markers_and_line_numbers() -> None:
+    """Sections, fences, skip markers (with reason, adjacent only) and line numbers."""
     text = "\n".join(
         [
             "# Title",  # 1
@@ -253,6 +256,7 @@ def test_parser_sections_markers_and_line_numbers() -> None:
 
 
 def test_failure_names_section_line_and_block() -> None:
+    """A failing block is named by section, line and first line; skipped blocks do not run."""
     section = Section("Demo", 1, [CodeBlock(10, "x = 1\n"), CodeBlock(20, "\ny = x + undefined\n")])
     with pytest.raises(AssertionError) as info:
         run_section(section)
