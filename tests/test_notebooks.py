@@ -28,11 +28,13 @@ def _stream_text(nb: nbformat.NotebookNode) -> str:
 
 
 def test_there_are_three_notebooks():
+    """The three stories of the README are there."""
     assert len(NOTEBOOKS) >= 3, f"expected at least 3 notebooks in {NOTEBOOK_DIR}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stored_without_outputs(path: Path):
+    """A notebook is valid, uses the python3 kernel and holds no outputs or counts."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata["kernelspec"]["name"] == "python3"
@@ -47,6 +49,7 @@ def test_notebook_is_stored_without_outputs(path: Path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes_at_small_size(path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every cell runs under ``CI=true`` and the notebook says it ran at small size."""
     # the kernel is a subprocess started below: it inherits this environment
     monkeypatch.setenv("CI", "true")
     monkeypatch.delenv("NOTEBOOK_SIZE", raising=False)
