@@ -4,7 +4,7 @@ Build from the repository root (warnings are errors)::
 
     python -m sphinx -W -b html docs docs/_build
 
-The three notebooks are copied from ``notebooks/`` into ``docs/notebooks/`` (ignored by git) and
+The notebooks are copied from ``notebooks/`` into ``docs/notebooks/`` (ignored by git) and
 rendered by myst-nb. They are stored without outputs, so the build executes them at their small
 size (``CI=true``, as the tests do: about 50 s of CPU, two minutes on a busy two-core machine);
 ``DOCS_EXECUTE_NOTEBOOKS=0`` renders them as stored, without outputs, in a few seconds.
