@@ -42,18 +42,7 @@ SKIP_MARKER = re.compile(r"^<!--\s*readme-test:\s*skip\b(?P<rest>.*?)-->\s*$")
 FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 
 # section heading -> why its snippets do not run yet (see the module docstring)
-KNOWN_BROKEN: dict[str, str] = {
-    "Importance-weighted ELBO": (
-        "uses `model`, `guide`, `x_batch`, `idx`, `N` without defining them"
-    ),
-    "Decomposed ELBO (beta-TCVAE) and ELBO surgery": (
-        "uses `vae`, `x`, `batches` and `SVI`, `pyro` without defining or importing them"
-    ),
-    "Training with `fit`": "uses `guide`, `x`, `y`, `x_test`, `y_test` without defining them",
-    "Did it work? Diagnostics and ArviZ": (
-        "uses `model`, `guide`, `x`, `y`, `svi` without defining them"
-    ),
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 @dataclass

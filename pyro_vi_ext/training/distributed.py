@@ -9,8 +9,10 @@ CUDA), and then:
   ``global_batch[rank::P]`` of each global minibatch of ``batch_size`` rows;
 * the model and guide get the global data-set size as ``n_data``, so plates scale by N/B_r;
 * after the backward pass the gradients (and the loss and its terms) are summed across processes
-  with weights B_r/B in one flat all-reduce, which makes the update exactly the single-process
-  update for the global minibatch;
+  with weights B_r/B in one flat all-reduce. With a deterministic guide (a point mass) this is
+  exactly the single-process update for the global minibatch; with a stochastic guide each
+  process draws its own latents, so the update is a valid, lower-variance estimate of the same
+  gradient but the run follows a different trajectory from the single-process one;
 * parameters are broadcast from rank 0 once they exist, so all processes start, and stay, equal;
 * only rank 0 writes checkpoints and shows progress.
 
