@@ -640,13 +640,14 @@ def _observed_log_likelihood(site: dict, model_trace: poutine.Trace, window: int
 
 
 def _observed(name: str, site: dict, nesting: int) -> SiteDraws:
-    """Return the observation, broadcast to the site's batch shape, as a one-draw padded array."""
+    """Return the observation, broadcast to its site's plate dims, as a one-draw padded array."""
     fn, value = site["fn"], site["value"]
     event_dim = fn.event_dim
     value_batch = value.shape[: value.dim() - event_dim]
-    batch = torch.broadcast_shapes(fn.batch_shape, value_batch)
-    batch = (1,) * (nesting + 1 - len(batch)) + tuple(batch)
-    shape = (1, *batch[1:], *value.shape[value.dim() - event_dim :])
+    batch = tuple(torch.broadcast_shapes(fn.batch_shape, value_batch))
+    plates = batch[max(len(batch) - nesting, 0) :]  # without particle and enumeration dims
+    plates = (1,) * (nesting - len(plates)) + plates
+    shape = (1, *plates, *value.shape[value.dim() - event_dim :])
     entry = _new_site(name, site, event_dim)
     entry.blocks.append(_numpy(torch.broadcast_to(value, shape)))
     return entry
