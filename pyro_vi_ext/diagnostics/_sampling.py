@@ -97,6 +97,14 @@ def settle_vectorize(
 ) -> bool:
     """Resolve ``"auto"``: one vectorized run of two particles decides; warn if it falls back.
 
+    A vectorized trial that fails, while a sequential trial of the same two draws runs, means
+    that the model does not broadcast over the particle dim: the sequential path is taken with a
+    :class:`ParticleFallbackWarning` quoting the vectorized failure. Pyro's own shape checks do
+    not always name the particle plate (e.g. ``locs[assignment]`` on a batched ``locs`` gives a
+    "Shape mismatch inside plate('data')"), so any ``RuntimeError`` or ``ValueError`` of the
+    vectorized trial counts. When the sequential trial fails too, its error is raised: the
+    problem is not vectorization.
+
     Parameters
     ----------
     model, guide : callable
@@ -116,14 +124,27 @@ def settle_vectorize(
     check_vectorize(vectorize_particles)
     if vectorize_particles != "auto":
         return bool(vectorize_particles)
-    try:
+
+    def trial(vectorize: bool) -> None:
         with torch.no_grad(), poutine.block():
-            trace_particles(model, guide, args, kwargs, num_particles=2, plate_nesting=nesting)
-    except ParticleVectorizationError as error:
+            trace_particles(
+                model, guide, args, kwargs, num_particles=2, plate_nesting=nesting,
+                vectorize=vectorize,
+            )  # fmt: skip
+
+    try:
+        trial(True)
+    except (RuntimeError, ValueError) as error:
+        trial(False)  # raises the model's own error if the loop fails as well
         first_line = str(error).split("\n", 1)[0]
+        if not isinstance(error, ParticleVectorizationError):
+            first_line = (
+                "Under the vectorized particle plate the model or guide failed with "
+                f"{type(error).__name__}: {first_line}"
+            )
         warnings.warn(
-            f"{first_line}\nvectorize_particles='auto': drawing the particles one run at a time "
-            "instead (same results, slower). Pass vectorize_particles=False to skip the "
+            f"{first_line}\nvectorize_particles='auto': the model and guide run one draw at a "
+            "time instead (same results, slower). Pass vectorize_particles=False to skip the "
             "vectorized attempt and this warning.",
             ParticleFallbackWarning,
             stacklevel=4,

@@ -238,11 +238,12 @@ def matmul_model(x, y):
 def test_auto_falls_back_once_and_equals_the_sequential_path():
     """Check "auto": one ParticleFallbackWarning naming the model, then the sequential result.
 
-    The vectorized attempt draws 2 particles from the bank before the model fails, so the
-    sequential reference gets a bank without those 2 rows: both see the same draws.
+    The vectorized trial draws 2 particles from the bank before the model fails and the
+    sequential trial 2 more, so the sequential reference gets a bank without those 4 rows: both
+    see the same draws.
     """
     x, y = CASES["regression"][2]
-    noise = _bank(NUM_DRAWS + 4, 3, seed=1)
+    noise = _bank(NUM_DRAWS + 6, 3, seed=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         auto = log_evidence(
@@ -252,7 +253,7 @@ def test_auto_falls_back_once_and_equals_the_sequential_path():
     assert len(fallbacks) == 1, [str(w.message) for w in caught]
     assert "model failed" in str(fallbacks[0].message)
     assert "vectorize_particles=False" in str(fallbacks[0].message)
-    without_trial = torch.cat([noise[:2], noise[4:]])  # prepare's two runs, then the draws
+    without_trial = torch.cat([noise[:2], noise[6:]])  # prepare's two runs, then the draws
     sequential = log_evidence(
         matmul_model,
         regression_guide(NoiseBank(without_trial)),
