@@ -151,7 +151,7 @@ def test_bayesian_regression_tutorial_in_fit_on_minibatches():
     pyro.clear_param_store()
     guide = AutoDiagonalNormal(model)
     wide = ImportanceWeightedELBO(num_particles=4, vectorize_particles=False, max_plate_nesting=1)
-    with pytest.raises(ValueError, match="subsampl"):
+    with pytest.raises(ValueError, match=r"Plate .data. is subsampled.*num_particles=1"):
         fit(model, guide, (x, y), wide, pyro.optim.Adam({"lr": 0.05}), num_steps=2,
             batch_size=10, seed=0, data_plate="data", progress=False)  # fmt: skip
 

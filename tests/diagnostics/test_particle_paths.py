@@ -23,6 +23,7 @@ from pyro.ops.indexing import Vindex
 from pyro_vi_ext.diagnostics import (
     ParticleFallbackWarning,
     importance_resample,
+    inference_gaps,
     iw_bound_curve,
     log_evidence,
     psis_diagnostic,
@@ -293,3 +294,49 @@ def test_an_unknown_vectorize_value_is_refused():
     with pytest.raises(ValueError, match=r"True, False or 'auto'"):
         log_evidence(regression_model, regression_guide(NoiseBank(_bank(8, 3))), x, y,
                      num_samples=4, vectorize_particles="yes")  # fmt: skip
+
+
+def test_a_point_mass_guide_is_flagged_on_the_sequential_path():
+    """The loop sees every draw: a Delta guide is named as a point mass, a Normal one is not."""
+    x, y = CASES["regression"][2]
+
+    def delta_guide(x, y):
+        pyro.sample("w", dist.Delta(torch.tensor([0.8, -1.5, 0.3])).to_event(1))
+
+    with pytest.warns(UserWarning, match="site\\(s\\) 'w'"):
+        flagged = log_evidence(regression_model, delta_guide, x, y, num_samples=6,
+                               max_plate_nesting=1, vectorize_particles=False)  # fmt: skip
+    assert flagged.proposal_problem is not None and np.isnan(flagged.total_se)
+    spread = _run("regression", log_evidence, False, num_samples=6, chunk_size=10)
+    assert spread.proposal_problem is None and np.isfinite(spread.total_se)
+
+
+def einsum_model(x):
+    """Local latents ``z_n`` read by ``einsum("nd,d->n")``: valid Pyro, no particle dim."""
+    direction = torch.tensor([1.0, -1.0])
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("x", dist.Normal(torch.einsum("nd,d->n", z, direction), 1.0), obs=x)
+
+
+def einsum_guide(x):
+    """Draw an amortized Normal: the exact posterior's mean with a slightly wrong scale."""
+    direction = torch.tensor([1.0, -1.0])
+    with pyro.plate("data", x.shape[0]):
+        loc = x[:, None] * direction / 3.0
+        pyro.sample("z", dist.Normal(loc, torch.full_like(loc, 0.7)).to_event(1))
+
+
+def test_inference_gaps_fall_back_on_a_model_that_does_not_broadcast():
+    """inference_gaps with "auto": one warning, then per-point log p(x_n) = log N(x_n; 0, 3)."""
+    x = torch.tensor([-1.5, 0.2, 2.0])
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gaps = inference_gaps(einsum_model, einsum_guide, x, max_steps=50, check_every=25,
+                              num_fit_particles=2, num_evidence_samples=300,
+                              num_elbo_samples=20, check_evidence_tail=False)  # fmt: skip
+    assert sum(issubclass(w.category, ParticleFallbackWarning) for w in caught) == 1
+    exact = torch.distributions.Normal(0.0, math.sqrt(3.0)).log_prob(x).numpy()
+    assert np.all(np.abs(gaps.log_evidence - exact) <= 4 * gaps.log_evidence_se + 0.02)
+    assert np.all(gaps.amortized_elbo <= gaps.log_evidence + 4 * gaps.amortized_elbo_se)
