@@ -9,9 +9,10 @@ ArviZ export needs (latent values, log-likelihoods, observations) in a plate-awa
 Particle paths (``vectorize_particles``): ``True`` runs a block on a particle plate left of the
 model's plates (one run per block; the model must broadcast over that dim); ``False`` runs the model
 and guide once per draw without a particle plate (any valid Pyro model, as Pyro's ``Predictive``
-with ``parallel=False``); ``"auto"`` tries one small vectorized run first and, when the model does
-not broadcast (:class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`), takes the
-sequential path with one :class:`ParticleFallbackWarning` per diagnostic call. Both paths stack the
+with ``parallel=False``); ``"auto"`` tries one small vectorized run first and, when it fails
+(:class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, or another shape error) while a
+small sequential run succeeds, takes the sequential path with one :class:`ParticleFallbackWarning`
+per diagnostic call. Both paths stack the
 draws in the same layout, so the diagnostics read them alike.
 
 Layout of a site's draws: a *padded* array ``[S, b_1, ..., b_L, e_1, ..., e_E]`` with exactly
@@ -56,7 +57,7 @@ VectorizeParticles = bool | Literal["auto"]
 class ParticleFallbackWarning(UserWarning):
     """``vectorize_particles="auto"`` found a model that does not broadcast and ran sequentially.
 
-    Raised once per diagnostic call. The results are the same as with ``vectorize_particles=False``
+    Issued once per diagnostic call. The results are the same as with ``vectorize_particles=False``
     (one run per draw, slower); pass ``vectorize_particles=False`` to skip the vectorized attempt
     and this warning, or make the model broadcast over a leftmost particle dim for speed.
     """
