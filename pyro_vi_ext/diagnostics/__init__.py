@@ -11,8 +11,14 @@ r"""Did it work? Diagnostics of a fitted guide in the terms of ArviZ and Yao et 
   k-hat across the dataset, with matplotlib;
 * :func:`inference_gaps`, :func:`plot_inference_gaps`: per data point, the approximation and
   amortization gaps of an amortized guide (Cremer et al. 2018).
+
+Every sampling diagnostic takes ``vectorize_particles`` (``True``, ``False`` or ``"auto"``, the
+default): a block of draws in one run on a particle plate, or one run per draw for models that
+do not broadcast over a leftmost dim (``"auto"`` falls back to the loop with a
+:class:`ParticleFallbackWarning`).
 """
 
+from pyro_vi_ext.diagnostics._sampling import ParticleFallbackWarning
 from pyro_vi_ext.diagnostics.arviz_export import to_inference_data
 from pyro_vi_ext.diagnostics.gap_plots import plot_inference_gaps
 from pyro_vi_ext.diagnostics.gaps import InferenceGaps, inference_gaps
@@ -39,6 +45,7 @@ __all__ = [
     "EvidenceResult",
     "InferenceGaps",
     "PSISResult",
+    "ParticleFallbackWarning",
     "ResampledPosterior",
     "SurgeryResult",
     "bound_curve_from_log_weights",

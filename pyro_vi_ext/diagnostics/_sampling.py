@@ -1,10 +1,19 @@
-"""Guide draws pushed through the model in chunks of vectorized particles.
+"""Guide draws pushed through the model in blocks of particles, vectorized or one at a time.
 
 Every diagnostic needs the same thing: ``S`` draws ``z_s ~ q(z | x)`` and, per draw and per data
 point, ``log p(x, z_s)`` and ``log q(z_s | x)``. :func:`~pyro_vi_ext.infer._weights.trace_particles`
 computes them for one block of particles; this module runs it block by block (so that ``S = 10,000``
 fits in memory), with the minibatch of a subsampled plate frozen across blocks, and keeps what the
 ArviZ export needs (latent values, log-likelihoods, observations) in a plate-aware layout.
+
+Particle paths (``vectorize_particles``): ``True`` runs a block on a particle plate left of the
+model's plates (one run per block; the model must broadcast over that dim); ``False`` runs the model
+and guide once per draw without a particle plate (any valid Pyro model, as Pyro's ``Predictive``
+with ``parallel=False``); ``"auto"`` tries one small vectorized run first and, when it fails
+(:class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, or another shape error) while a
+small sequential run succeeds, takes the sequential path with one :class:`ParticleFallbackWarning`
+per diagnostic call. Both paths stack the
+draws in the same layout, so the diagnostics read them alike.
 
 Layout of a site's draws: a *padded* array ``[S, b_1, ..., b_L, e_1, ..., e_E]`` with exactly
 ``L = plate_nesting`` batch dims right of the particle dim and the site's ``E`` event dims. A batch
@@ -19,6 +28,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pyro.poutine as poutine
@@ -27,6 +37,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
 
 from pyro_vi_ext.infer._weights import (
+    ParticleVectorizationError,
     ParticleWeights,
     PointPlate,
     common_user_scale,
@@ -39,10 +50,26 @@ from pyro_vi_ext.infer._weights import (
     trace_particles,
 )
 
+VectorizeParticles = bool | Literal["auto"]
+"""The ``vectorize_particles`` option of the diagnostics: ``True``, ``False`` or ``"auto"``."""
+
+
+class ParticleFallbackWarning(UserWarning):
+    """``vectorize_particles="auto"`` found a model that does not broadcast and ran sequentially.
+
+    Issued once per diagnostic call. The results are the same as with ``vectorize_particles=False``
+    (one run per draw, slower); pass ``vectorize_particles=False`` to skip the vectorized attempt
+    and this warning, or make the model broadcast over a leftmost particle dim for speed.
+    """
+
 
 @dataclass(frozen=True)
 class Setup:
-    """A model and guide prepared for repeated particle runs on the same data (and minibatch)."""
+    """A model and guide prepared for repeated particle runs on the same data (and minibatch).
+
+    ``vectorize`` is the settled particle path: ``True`` (a particle plate per block) or ``False``
+    (one run per draw).
+    """
 
     model: Callable
     guide: Callable
@@ -50,6 +77,81 @@ class Setup:
     kwargs: dict
     nesting: int
     subsample_indices: dict[str, np.ndarray]
+    vectorize: bool = True
+
+
+def check_vectorize(vectorize_particles: object) -> None:
+    """Raise unless ``vectorize_particles`` is ``True``, ``False`` or ``"auto"``."""
+    if not (isinstance(vectorize_particles, bool) or vectorize_particles == "auto"):
+        raise ValueError(
+            f"vectorize_particles must be True, False or 'auto', got {vectorize_particles!r}"
+        )
+
+
+def settle_vectorize(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    nesting: int,
+    vectorize_particles: VectorizeParticles,
+) -> bool:
+    """Resolve ``"auto"``: one vectorized run of two particles decides; warn if it falls back.
+
+    A vectorized trial that fails, while a sequential trial of the same two draws runs, means
+    that the model does not broadcast over the particle dim: the sequential path is taken with a
+    :class:`ParticleFallbackWarning` quoting the vectorized failure. Pyro's own shape checks do
+    not always name the particle plate (e.g. ``locs[assignment]`` on a batched ``locs`` gives a
+    "Shape mismatch inside plate('data')"), so any ``RuntimeError`` or ``ValueError`` of the
+    vectorized trial counts. When the sequential trial fails too, its error is raised: the
+    problem is not vectorization.
+
+    Parameters
+    ----------
+    model, guide : callable
+        The (minibatch-frozen) model and guide.
+    args, kwargs : tuple, dict
+        Their arguments.
+    nesting : int
+        The model's plate nesting.
+    vectorize_particles : bool or "auto"
+        The user's choice.
+
+    Returns
+    -------
+    bool
+        ``True`` for the vectorized path, ``False`` for the sequential one.
+    """
+    check_vectorize(vectorize_particles)
+    if vectorize_particles != "auto":
+        return bool(vectorize_particles)
+
+    def trial(vectorize: bool) -> None:
+        with torch.no_grad(), poutine.block():
+            trace_particles(
+                model, guide, args, kwargs, num_particles=2, plate_nesting=nesting,
+                vectorize=vectorize,
+            )  # fmt: skip
+
+    try:
+        trial(True)
+    except (RuntimeError, ValueError) as error:
+        trial(False)  # raises the model's own error if the loop fails as well
+        first_line = str(error).split("\n", 1)[0]
+        if not isinstance(error, ParticleVectorizationError):
+            first_line = (
+                "Under the vectorized particle plate the model or guide failed with "
+                f"{type(error).__name__}: {first_line}"
+            )
+        warnings.warn(
+            f"{first_line}\nvectorize_particles='auto': the model and guide run one draw at a "
+            "time instead (same results, slower). Pass vectorize_particles=False to skip the "
+            "vectorized attempt and this warning.",
+            ParticleFallbackWarning,
+            stacklevel=4,
+        )
+        return False
+    return True
 
 
 def prepare(
@@ -58,13 +160,16 @@ def prepare(
     args: tuple,
     kwargs: dict,
     max_plate_nesting: int | None,
+    vectorize_particles: VectorizeParticles = True,
 ) -> Setup:
-    """Freeze the minibatch of every self-subsampling plate and settle the plate nesting.
+    """Freeze the minibatch of every self-subsampling plate, settle the plate nesting and the path.
 
     A ``pyro.plate(..., subsample_size=B)`` draws new indices on every run, which would pair the
     particles of different blocks with different data points. One run of the guide and the replayed
-    model records those indices; both are then replayed with them in every block.
+    model records those indices; both are then replayed with them in every block. The particle
+    path is settled by :func:`settle_vectorize`.
     """
+    check_vectorize(vectorize_particles)
     try:
         with poutine.block():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -97,7 +202,8 @@ def prepare(
                 f"max_plate_nesting must be a non-negative int, got {max_plate_nesting!r}"
             )
         nesting = int(max_plate_nesting)
-    return Setup(model, guide, tuple(args), dict(kwargs), nesting, indices)
+    vectorize = settle_vectorize(model, guide, args, kwargs, nesting, vectorize_particles)
+    return Setup(model, guide, tuple(args), dict(kwargs), nesting, indices, vectorize)
 
 
 def plate_names(plates: Sequence[PointPlate]) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -173,18 +279,20 @@ class ProposalCheck:
         log_weights = weights.log_weights
         if bool(torch.isnan(log_weights).any()):
             raise ValueError(_nan_message(weights))
-        for name, site in latent_sites(weights.guide_trace):
-            if name in self._varied:
-                continue
-            value = site["value"].detach()
-            if _is_discrete(site) and not bool((site_log_prob(site) == 0).all()):
-                self._varied.add(name)  # a discrete draw of probability < 1: the guide spreads
-                continue
-            rows = value.shape[0] if value.dim() and value.shape[0] == weights.num_particles else 1
-            flat = value.reshape(rows, -1)
-            first = self._first.setdefault(name, flat[:1])
-            if first.shape[-1] != flat.shape[-1] or bool((flat != first).any()):
-                self._varied.add(name)
+        for _, guide_trace, rows in particle_traces(weights):
+            for name, site in latent_sites(guide_trace):
+                if name in self._varied:
+                    continue
+                value = site["value"].detach()
+                if _is_discrete(site) and not bool((site_log_prob(site) == 0).all()):
+                    self._varied.add(name)  # a discrete draw of probability < 1: it spreads
+                    continue
+                # a value without the particle dim leftmost is one draw
+                site_rows = rows if value.dim() and value.shape[0] == rows else 1
+                flat = value.reshape(site_rows, -1)
+                first = self._first.setdefault(name, flat[:1])
+                if first.shape[-1] != flat.shape[-1] or bool((flat != first).any()):
+                    self._varied.add(name)
         self.num_draws += weights.num_particles
 
     def constant_sites(self) -> list[str]:
@@ -209,6 +317,19 @@ class ProposalCheck:
         )
 
 
+def particle_traces(
+    weights: ParticleWeights,
+) -> list[tuple[poutine.Trace, poutine.Trace, int]]:
+    """Return ``(model_trace, guide_trace, draws)`` of each run behind ``weights``.
+
+    One entry holding all ``S`` draws on the vectorized path (the particle dim leftmost in the
+    batch shape), ``S`` entries of one draw each (no particle dim) on the sequential path.
+    """
+    if weights.vectorized:
+        return [(weights.model_trace, weights.guide_trace, weights.num_particles)]
+    return [(run.model_trace, run.guide_trace, 1) for run in weights.runs]
+
+
 def _is_discrete(site: dict) -> bool:
     try:
         return bool(site["fn"].support.is_discrete)
@@ -219,12 +340,13 @@ def _is_discrete(site: dict) -> bool:
 def _nan_message(weights: ParticleWeights) -> str:
     log_weights = weights.log_weights
     bad_draws = int(torch.isnan(log_weights).any(-1).sum())
-    sites = [
-        f"{kind} site '{name}'"
-        for kind, trace in (("model", weights.model_trace), ("guide", weights.guide_trace))
-        for name, site in sample_sites(trace)
-        if bool(torch.isnan(site_log_prob(site)).any())
-    ]
+    sites: list[str] = []
+    for model_trace, guide_trace, _ in particle_traces(weights):
+        for kind, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in sample_sites(trace):
+                label = f"{kind} site '{name}'"
+                if label not in sites and bool(torch.isnan(site_log_prob(site)).any()):
+                    sites.append(label)
     where = ", ".join(sites) if sites else "no single site (their sum)"
     return (
         f"The log importance weights are NaN in {bad_draws} of {weights.num_particles} draws of "
@@ -267,6 +389,7 @@ def particle_blocks(
                 setup.kwargs,
                 num_particles=size,
                 plate_nesting=setup.nesting,
+                vectorize=setup.vectorize,
             )
         if check is not None:
             check.update(weights)
@@ -359,6 +482,20 @@ class SiteDraws:
     plate_dims: dict[int, str]  # batch position (negative, from the right of the batch) -> plate
     blocks: list[np.ndarray] = field(default_factory=list)
     device: torch.device | None = None
+    value_shape: tuple[int, ...] | None = None  # one draw's shape on the sequential path
+
+    def one_draw(self, padded: np.ndarray) -> np.ndarray:
+        """Return one padded draw ``[b_1..b_L, e_1..e_E]`` in the site's own shape.
+
+        The sequential path replays a draw without particle plate, so the singleton batch dims
+        that padding added on the left go again (a draw whose plates were broadcast by
+        per-point resampling keeps them).
+        """
+        if self.value_shape is not None and padded.size == math.prod(self.value_shape):
+            return padded.reshape(self.value_shape)
+        while padded.ndim > self.event_dim and padded.shape[0] == 1:
+            padded = padded[0]
+        return padded
 
     @property
     def array(self) -> np.ndarray:
@@ -458,25 +595,33 @@ def collect_draws(
         plates = weights.point_plates
         log_p.append(_numpy(weights.log_p, np.float64))
         log_q.append(_numpy(weights.log_q, np.float64))
-        for name, site in sample_sites(weights.model_trace):
-            for plate, frame in site_plate_frames(site).items():
-                plate_sizes[plate] = int(frame.size)
-            if is_deterministic(site):
-                event_dim = _site_event_dim(site, nesting)
-                entry = deterministic.setdefault(name, _new_site(name, site, event_dim))
-                value = _pad(site["value"], nesting, event_dim, size, name)
-                entry.blocks.append(_numpy(value))
-            elif site["is_observed"]:
-                entry = log_likelihood.setdefault(name, _new_site(name, site, 0))
-                entry.blocks.append(_numpy(_pad(site_log_prob(site), nesting, 0, size, name)))
-                if name not in observed:
-                    observed[name] = _observed(name, site, nesting)
-            else:
-                event_dim = site["fn"].event_dim
-                entry = latents.setdefault(name, _new_site(name, site, event_dim))
-                value = site["value"]
-                entry.device = value.device
-                entry.blocks.append(_numpy(_pad(value, nesting, event_dim, size, name)))
+        window = nesting + 1 if weights.vectorized else nesting
+        for model_trace, _, size in particle_traces(weights):
+            for name, site in sample_sites(model_trace):
+                if site["infer"].get("_enumerate_dim") is not None:
+                    continue  # summed out of log p(x, z): no draws of it exist
+                for plate, frame in site_plate_frames(site).items():
+                    plate_sizes[plate] = int(frame.size)
+                if is_deterministic(site):
+                    event_dim = _site_event_dim(site, nesting)
+                    entry = deterministic.setdefault(name, _new_site(name, site, event_dim))
+                    value = _pad(site["value"], nesting, event_dim, size, name)
+                    entry.blocks.append(_numpy(value))
+                elif site["is_observed"]:
+                    entry = log_likelihood.setdefault(name, _new_site(name, site, 0))
+                    log_prob = _observed_log_likelihood(site, model_trace, window)
+                    log_prob = _pad(log_prob, nesting, 0, size, name)
+                    entry.blocks.append(_numpy(log_prob))
+                    if name not in observed:
+                        observed[name] = _observed(name, site, nesting)
+                else:
+                    event_dim = site["fn"].event_dim
+                    entry = latents.setdefault(name, _new_site(name, site, event_dim))
+                    value = site["value"]
+                    entry.device = value.device
+                    if not weights.vectorized:
+                        entry.value_shape = tuple(value.shape)
+                    entry.blocks.append(_numpy(_pad(value, nesting, event_dim, size, name)))
     return Draws(
         nesting=nesting,
         point_plates=plates,
@@ -490,14 +635,41 @@ def collect_draws(
     )
 
 
+def _observed_log_likelihood(site: dict, model_trace: poutine.Trace, window: int) -> torch.Tensor:
+    r"""Pointwise log-likelihood of an observed site, enumerated model sites summed out.
+
+    Without enumeration it is the site's log-density. With enumerated sites ``c`` (their values
+    on dims left of the particle plate) it is the site's marginal
+    :math:`\log \sum_c p(c \mid \cdot)\, p(x \mid c, \cdot)`: the log-densities of all
+    enumerated sites are added (a normalized conditional sums to one over the values the
+    observation does not depend on) and the enumeration dims are log-sum-exp'd away.
+    ``window`` is the number of batch dims a site has without enumeration (the plates, plus the
+    particle dim when vectorized).
+    """
+    log_prob = site_log_prob(site)
+    enumerated = [
+        other
+        for _, other in sample_sites(model_trace)
+        if other["infer"].get("_enumerate_dim") is not None
+    ]
+    if not enumerated or log_prob.dim() <= window:
+        return log_prob
+    total = log_prob
+    for other in enumerated:
+        total = total + site_log_prob(other)
+    extra = total.dim() - window
+    return total.logsumexp(tuple(range(extra))) if extra > 0 else total
+
+
 def _observed(name: str, site: dict, nesting: int) -> SiteDraws:
-    """Return the observation, broadcast to the site's batch shape, as a one-draw padded array."""
+    """Return the observation, broadcast to its site's plate dims, as a one-draw padded array."""
     fn, value = site["fn"], site["value"]
     event_dim = fn.event_dim
     value_batch = value.shape[: value.dim() - event_dim]
-    batch = torch.broadcast_shapes(fn.batch_shape, value_batch)
-    batch = (1,) * (nesting + 1 - len(batch)) + tuple(batch)
-    shape = (1, *batch[1:], *value.shape[value.dim() - event_dim :])
+    batch = tuple(torch.broadcast_shapes(fn.batch_shape, value_batch))
+    plates = batch[max(len(batch) - nesting, 0) :]  # without particle and enumeration dims
+    plates = (1,) * (nesting - len(plates)) + plates
+    shape = (1, *plates, *value.shape[value.dim() - event_dim :])
     entry = _new_site(name, site, event_dim)
     entry.blocks.append(_numpy(torch.broadcast_to(value, shape)))
     return entry
@@ -554,17 +726,21 @@ def predictive(
     """Sample every observed site of the model given ``total`` latent draws (padded arrays)."""
     nesting = setup.nesting
     out: dict[str, SiteDraws] = {}
+    step = chunk_size if setup.vectorize else 1
     start = 0
     while start < total:
-        size = min(chunk_size, total - start)
+        size = min(step, total - start)
         trace = poutine.Trace()
         for name, array in values.items():
             site = latents[name]
-            tensor = torch.as_tensor(array[start : start + size], device=site.device)
+            block = array[start : start + size]
+            if not setup.vectorize:
+                block = site.one_draw(block[0])
+            tensor = torch.as_tensor(block, device=site.device)
             trace.add_node(
                 name, type="sample", name=name, value=tensor, is_observed=False, infer={}
             )
-        model = particle_plate(size, nesting)(setup.model)
+        model = particle_plate(size, nesting)(setup.model) if setup.vectorize else setup.model
         with torch.no_grad(), poutine.block():
             predicted = poutine.trace(
                 poutine.replay(_UnconditionObserved()(model), trace=trace)

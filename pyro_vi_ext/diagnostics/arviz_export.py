@@ -25,6 +25,7 @@ import pyro
 from pyro_vi_ext.diagnostics import _arviz_compat
 from pyro_vi_ext.diagnostics._sampling import (
     SiteDraws,
+    VectorizeParticles,
     check_counts,
     collect_draws,
     predictive,
@@ -175,12 +176,13 @@ def to_inference_data(
     dims: Mapping[str, Sequence[str]] | None = None,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ):
     r"""Draw from a guide and export model, guide and data to an ArviZ ``InferenceData``.
 
-    ``num_samples`` draws :math:`z_s \sim q(z \mid x)` are pushed through the model in vectorized
-    blocks of ``chunk_size`` under ``torch.no_grad`` and stored with ArviZ's conventions, so that
+    ``num_samples`` draws :math:`z_s \sim q(z \mid x)` are pushed through the model in blocks of
+    ``chunk_size`` under ``torch.no_grad`` and stored with ArviZ's conventions, so that
     ``az.summary``, ``az.plot_posterior``, ``az.plot_ppc``, ``az.loo`` and netCDF files work on a
     variational fit as on an MCMC run [1]_. The draws are independent, so ``r_hat`` means nothing
     here: summarize with ``az.summary(idata, kind="stats")`` and judge the guide by the PSIS
@@ -220,9 +222,18 @@ def to_inference_data(
         ``posterior_predictive``, ``log_likelihood``, ``observed_data``). Renaming a plate dim
         keeps the plate's data indices as coordinates of the new name.
     chunk_size
-        Particles per vectorized run.
+        Draws per block (per vectorized run).
     max_plate_nesting
         The model's plate nesting (guessed by one run when omitted).
+    vectorize_particles
+        ``True``: each block of ``chunk_size`` draws is one run on a particle plate (the model
+        must broadcast over a leftmost dim); ``False``: one model and guide run per draw, for
+        models that do not broadcast (as Pyro's ``Predictive``); ``"auto"`` (default;
+        the posterior predictive takes the same path):
+        vectorized unless one small vectorized run raises
+        :class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, then sequential with a
+        :class:`~pyro_vi_ext.diagnostics.ParticleFallbackWarning`. Same results on the same
+        draws either way.
     **kwargs
         The model's keyword arguments.
 
@@ -329,6 +340,7 @@ def to_inference_data(
             smooth=smooth,
             chunk_size=chunk_size,
             max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
         )
         setup, draws, arrays = result.setup, result.draws, result.arrays
         log_p, log_q = result.log_p, result.log_q
@@ -338,7 +350,7 @@ def to_inference_data(
             "psis_ess": float(np.min(result.psis.psis_ess)),
         }
     else:
-        setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+        setup = prepare(model, guide, args, kwargs, max_plate_nesting, vectorize_particles)
         draws = collect_draws(setup, num_samples, chunk_size)
         arrays = {
             name: site.array

@@ -20,6 +20,7 @@ import torch
 
 from pyro_vi_ext.diagnostics._sampling import (
     LogMeanExp,
+    VectorizeParticles,
     check_counts,
     collect_log_weights,
     prepare,
@@ -130,6 +131,7 @@ def iw_bound_curve(
     num_samples: int | None = None,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ) -> BoundCurve:
     r"""Estimate :math:`\mathrm{IWAE}_K = \mathbb E \log \frac1K \sum_{k=1}^K w_k` over ``ks``.
@@ -152,6 +154,14 @@ def iw_bound_curve(
         Particles per vectorized run.
     max_plate_nesting : int, optional
         The model's plate nesting (guessed when omitted).
+    vectorize_particles : bool or "auto"
+        ``True``: each block of ``chunk_size`` draws is one run on a particle plate (the model
+        must broadcast over a leftmost dim); ``False``: one model and guide run per draw, for
+        models that do not broadcast (as Pyro's ``Predictive``); ``"auto"`` (default):
+        vectorized unless one small vectorized run raises
+        :class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, then sequential with a
+        :class:`~pyro_vi_ext.diagnostics.ParticleFallbackWarning`. Same results on the same
+        draws either way.
 
     Returns
     -------
@@ -167,7 +177,7 @@ def iw_bound_curve(
     if num_samples is None:
         num_samples = 20 * max(int(k) for k in ks)
     check_counts(num_samples, chunk_size)
-    setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+    setup = prepare(model, guide, args, kwargs, max_plate_nesting, vectorize_particles)
     log_p, log_q, _ = collect_log_weights(setup, num_samples, chunk_size)
     return bound_curve_from_log_weights(log_p - log_q, ks)
 

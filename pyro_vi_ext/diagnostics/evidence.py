@@ -22,6 +22,7 @@ import numpy as np
 from pyro_vi_ext.diagnostics._sampling import (
     LogMeanExp,
     ProposalCheck,
+    VectorizeParticles,
     check_counts,
     particle_blocks,
     plate_names,
@@ -90,6 +91,7 @@ def log_evidence(
     num_samples: int = 10_000,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ) -> EvidenceResult:
     r"""Importance-sampled log-evidence :math:`\log p(x)` with a standard error.
@@ -123,9 +125,17 @@ def log_evidence(
     num_samples
         Number ``S`` of guide draws (10,000 by default).
     chunk_size
-        Particles per vectorized run.
+        Draws per block (per vectorized run).
     max_plate_nesting
         The model's plate nesting (guessed when omitted).
+    vectorize_particles
+        ``True``: each block of ``chunk_size`` draws is one run on a particle plate (the model
+        must broadcast over a leftmost dim); ``False``: one model and guide run per draw, for
+        models that do not broadcast (as Pyro's ``Predictive``); ``"auto"`` (default):
+        vectorized unless one small vectorized run raises
+        :class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, then sequential with a
+        :class:`~pyro_vi_ext.diagnostics.ParticleFallbackWarning`. Same results on the same
+        draws either way.
 
     Returns
     -------
@@ -139,7 +149,7 @@ def log_evidence(
         print(f"test log-likelihood {result.mean:.2f} +- {result.mean_se:.2f} nats per point")
     """
     check_counts(num_samples, chunk_size, minimum=2)
-    setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+    setup = prepare(model, guide, args, kwargs, max_plate_nesting, vectorize_particles)
     accumulator = LogMeanExp()
     check = ProposalCheck()
     plates: tuple[PointPlate, ...] = ()

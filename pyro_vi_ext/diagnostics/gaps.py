@@ -45,6 +45,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution, Independent, Normal
 
+from pyro_vi_ext.diagnostics._sampling import VectorizeParticles, settle_vectorize
 from pyro_vi_ext.infer._weights import trace_particles
 
 RicherFamily = Literal["full_covariance"]
@@ -358,6 +359,7 @@ class _Call:
     args: tuple
     kwargs: dict
     nesting: int
+    vectorize: bool = True
 
 
 def _plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -406,6 +408,7 @@ def _log_weights(call: _Call, guide: Callable, num_particles: int) -> torch.Tens
         call.kwargs,
         num_particles=num_particles,
         plate_nesting=call.nesting,
+        vectorize=call.vectorize,
     )
     return weights.log_weights
 
@@ -546,6 +549,7 @@ def inference_gaps(
     sample_chunk_size: int = 1000,
     check_evidence_tail: bool = True,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ) -> InferenceGaps:
     r"""Decompose each data point's inference gap into approximation and amortization gaps [1]_.
@@ -607,6 +611,10 @@ def inference_gaps(
         per point) and warn when it exceeds 0.7 for some point.
     max_plate_nesting
         The model's plate nesting (guessed from one run when omitted).
+    vectorize_particles
+        As in :func:`~pyro_vi_ext.diagnostics.log_evidence`, for every evaluation and the
+        per-point fits (``"auto"`` settles it once, on the first chunk of points; the sequential
+        path runs ``num_fit_particles`` model runs per fit step, so it is much slower).
 
     Returns
     -------
@@ -670,7 +678,11 @@ def inference_gaps(
             if max_plate_nesting is not None
             else _plate_nesting(model, guide, call_args, kwargs)
         )
-        call = _Call(model, guide, call_args, dict(kwargs), nesting)
+        if not isinstance(vectorize_particles, bool):
+            vectorize_particles = settle_vectorize(
+                model, guide, call_args, kwargs, nesting, vectorize_particles
+            )  # settled on the first chunk, kept for the others
+        call = _Call(model, guide, call_args, dict(kwargs), nesting, vectorize_particles)
         chunk = _chunk_gaps(
             call,
             rows.stop - rows.start,
@@ -728,6 +740,7 @@ def _check_points(call: _Call, expected: int) -> None:
             call.kwargs,
             num_particles=1,
             plate_nesting=call.nesting,
+            vectorize=call.vectorize,
         )
     if weights.num_points != expected:
         plates = [plate.name for plate in weights.point_plates] or "none"
@@ -787,6 +800,7 @@ def _chunk_gaps(
             num_samples=num_evidence_samples,
             chunk_size=sample_chunk_size,
             max_plate_nesting=call.nesting,
+            vectorize_particles=call.vectorize,
             **call.kwargs,
         )
         if check_evidence_tail:
@@ -797,6 +811,7 @@ def _chunk_gaps(
                 num_samples=min(num_evidence_samples, 4000),
                 chunk_size=sample_chunk_size,
                 max_plate_nesting=call.nesting,
+                vectorize_particles=call.vectorize,
                 **call.kwargs,
             ).khat
     columns["log_evidence"] = evidence.per_point

@@ -45,6 +45,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_vi_ext.diagnostics import _arviz_compat
+from pyro_vi_ext.diagnostics._sampling import VectorizeParticles
 from pyro_vi_ext.diagnostics.arviz_export import to_inference_data
 from pyro_vi_ext.diagnostics.importance import khat_threshold
 
@@ -308,6 +309,7 @@ def vi_loo(
     var_name: str | None = None,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     warn: bool = True,
     **kwargs,
 ) -> Any:
@@ -331,7 +333,7 @@ def vi_loo(
         Number ``S`` of guide draws.
     var_name
         The observed site to cross-validate; may be omitted when the model has one.
-    chunk_size, max_plate_nesting
+    chunk_size, max_plate_nesting, vectorize_particles
         As in :func:`to_inference_data`.
     warn
         Warn about points with high k-hat.
@@ -372,6 +374,7 @@ def vi_loo(
         posterior_predictive=False,
         chunk_size=chunk_size,
         max_plate_nesting=max_plate_nesting,
+        vectorize_particles=vectorize_particles,
         **kwargs,
     )
     return loo_from_inference_data(idata, var_name, warn=warn)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pyro_vi_ext.diagnostics._sampling import VectorizeParticles
 from pyro_vi_ext.diagnostics.bound_curve import BoundCurve, iw_bound_curve
 from pyro_vi_ext.diagnostics.psis import PSISResult
 
@@ -146,6 +147,7 @@ def plot_bound_vs_k(
     num_samples: int | None = None,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     ax=None,
     **kwargs,
 ):
@@ -160,7 +162,7 @@ def plot_bound_vs_k(
     ----------
     model, guide : callable
         Pyro model and guide, called with ``*args, **kwargs``.
-    ks, num_samples, chunk_size, max_plate_nesting
+    ks, num_samples, chunk_size, max_plate_nesting, vectorize_particles
         As in :func:`~pyro_vi_ext.diagnostics.iw_bound_curve`.
     ax : matplotlib.axes.Axes, optional
         Axes to draw on (a new figure when omitted).
@@ -183,6 +185,7 @@ def plot_bound_vs_k(
         num_samples=num_samples,
         chunk_size=chunk_size,
         max_plate_nesting=max_plate_nesting,
+        vectorize_particles=vectorize_particles,
         **kwargs,
     )
     return plot_bound_curve(curve, ax=ax)

@@ -26,6 +26,7 @@ import torch
 from pyro_vi_ext.diagnostics import _arviz_compat
 from pyro_vi_ext.diagnostics._sampling import (
     ProposalCheck,
+    VectorizeParticles,
     check_counts,
     collect_log_weights,
     plate_names,
@@ -208,11 +209,12 @@ def psis_diagnostic(
     num_samples: int = 4000,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ) -> PSISResult:
     r"""PSIS k-hat of ``guide`` as an importance proposal for ``model``'s posterior [1]_ [2]_.
 
-    Draws ``num_samples`` latents from the guide (in vectorized blocks of ``chunk_size``) and fits
+    Draws ``num_samples`` latents from the guide (in blocks of ``chunk_size``) and fits
     a generalized Pareto distribution to the upper tail of :math:`w_s = p(x, z_s) / q(z_s \mid x)`.
     With amortized local latents (every latent inside the data plate) the weights factorize over
     data points and k-hat is returned per point: its distribution across the dataset is the VAE
@@ -234,6 +236,14 @@ def psis_diagnostic(
         Particles per vectorized run; lower it if a block does not fit in memory.
     max_plate_nesting
         The model's plate nesting (guessed by one run when omitted).
+    vectorize_particles
+        ``True``: each block of ``chunk_size`` draws is one run on a particle plate (the model
+        must broadcast over a leftmost dim); ``False``: one model and guide run per draw, for
+        models that do not broadcast (as Pyro's ``Predictive``); ``"auto"`` (default):
+        vectorized unless one small vectorized run raises
+        :class:`~pyro_vi_ext.infer._weights.ParticleVectorizationError`, then sequential with a
+        :class:`~pyro_vi_ext.diagnostics.ParticleFallbackWarning`. Same results on the same
+        draws either way.
 
     Returns
     -------
@@ -249,7 +259,7 @@ def psis_diagnostic(
         result.plot()          # k-hat across data points
     """
     check_counts(num_samples, chunk_size, minimum=2)
-    setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+    setup = prepare(model, guide, args, kwargs, max_plate_nesting, vectorize_particles)
     check = ProposalCheck()
     log_p, log_q, plates = collect_log_weights(setup, num_samples, chunk_size, check)
     names, shape = plate_names(plates)

@@ -24,6 +24,7 @@ from pyro_vi_ext.diagnostics._sampling import (
     Draws,
     ProposalCheck,
     Setup,
+    VectorizeParticles,
     check_counts,
     collect_draws,
     gather,
@@ -78,6 +79,7 @@ def importance_resample(
     smooth: bool = False,
     chunk_size: int = 1000,
     max_plate_nesting: int | None = None,
+    vectorize_particles: VectorizeParticles = "auto",
     **kwargs,
 ) -> ResampledPosterior:
     r"""Sampling-importance-resampling (SIR) from the guide: the implied IW posterior [1]_.
@@ -102,7 +104,7 @@ def importance_resample(
         Number ``S`` of guide draws to resample from (default ``4 * num_samples``).
     smooth
         Resample with PSIS-smoothed instead of raw weights.
-    chunk_size, max_plate_nesting
+    chunk_size, max_plate_nesting, vectorize_particles
         As in :func:`log_evidence`.
 
     Returns
@@ -129,6 +131,7 @@ def importance_resample(
         smooth=smooth,
         chunk_size=chunk_size,
         max_plate_nesting=max_plate_nesting,
+        vectorize_particles=vectorize_particles,
     )
     draws, arrays, psis = resampled.draws, resampled.arrays, resampled.psis
     samples, dims = {}, {}
@@ -184,6 +187,7 @@ def resampled_draws(
     smooth: bool,
     chunk_size: int,
     max_plate_nesting: int | None,
+    vectorize_particles: VectorizeParticles = True,
 ) -> ResampledDraws:
     """Draw proposals and resample them (for :func:`importance_resample` and the ArviZ export).
 
@@ -200,7 +204,7 @@ def resampled_draws(
     num_proposals = 4 * num_samples if num_proposals is None else num_proposals
     check_counts(num_samples, chunk_size)
     check_counts(num_proposals, chunk_size, minimum=2)
-    setup = prepare(model, guide, args, kwargs, max_plate_nesting)
+    setup = prepare(model, guide, args, kwargs, max_plate_nesting, vectorize_particles)
     check = ProposalCheck()
     draws = collect_draws(setup, num_proposals, chunk_size, check)
     names, shape = plate_names(draws.point_plates)
