@@ -27,6 +27,8 @@ from pyro_vi_ext.infer._gradients import (
 )
 from pyro_vi_ext.infer._weights import ParticleWeights, guess_plate_nesting, trace_particles
 
+_MAX_CACHED_STRUCTURES = 256
+
 
 class ParticleELBO(ELBO):
     """Base for losses whose maths lives in :meth:`differentiable_loss`.
@@ -100,6 +102,19 @@ class ParticleELBO(ELBO):
         )
         self.last_terms: dict[str, float] = {}
         self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
+        # what only changes with the model's structure (checks passed, detachability), keyed on it
+        self._structure_cache: dict = {}
+
+    def structure_cache(self) -> dict:
+        """Return the per-structure cache handed to ``trace_particles`` (bounded in size).
+
+        Keys name the model, guide and their trace structure, so a new structure (new shapes, new
+        sites) is checked afresh; the cache is emptied when it holds many structures (e.g. a
+        batch size that changes every step).
+        """
+        if len(self._structure_cache) > _MAX_CACHED_STRUCTURES:
+            self._structure_cache.clear()
+        return self._structure_cache
 
     def _model_plate_nesting(self, model: Callable, guide: Callable, args, kwargs) -> int:
         if self.max_plate_nesting == float("inf"):
@@ -216,7 +231,13 @@ class BoundELBO(ParticleELBO):
         bound = self.bound()
         detach = needs_detached_guide(self.estimator)
         grad_enabled = torch.is_grad_enabled()
-        aliases = DregAliases() if self.estimator == "dreg" and grad_enabled else None
+        # with one particle per bound every path weight equals the particle weight (both 1):
+        # DReG is STL and needs no hooks
+        aliases = (
+            DregAliases()
+            if self.estimator == "dreg" and grad_enabled and num_particles > 1
+            else None
+        )
         total = num_outer * num_particles
         weights = trace_particles(
             model,
@@ -231,14 +252,19 @@ class BoundELBO(ParticleELBO):
             # one particle needs no particle plate (as Trace_ELBO): the model need not broadcast
             vectorize=self.vectorize_particles and total > 1,
             linear_in_log_weights=self.is_linear_in_log_weights(),
+            structure_cache=self.structure_cache(),
         )
         log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
-        value = weights.scale * self.reported_value(log_weights).sum()
+        guide_objective = bound.value(log_weights)  # [M, P]
+        if type(self).reported_value is BoundELBO.reported_value:
+            reported = guide_objective.mean(0)  # the same tensor: computed once
+        else:
+            reported = self.reported_value(log_weights)
+        value = weights.scale * reported.sum()
         self._record_terms(weights, log_weights, value)
         if not grad_enabled:
             return -value
 
-        guide_objective = bound.value(log_weights)  # [M, P]
         linear = self.is_linear_in_log_weights()
         for site_score in weights.site_scores:
             shape = (num_outer, num_particles, *site_score.log_q.shape[1:])

@@ -356,7 +356,13 @@ class DecomposedELBO(ParticleELBO):
         num_particles = self.num_particles
         try:
             weights = trace_particles(
-                model, guide, args, kwargs, num_particles=num_particles, plate_nesting=nesting
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=num_particles,
+                plate_nesting=nesting,
+                structure_cache=self.structure_cache(),
             )
         except ValueError as error:
             reason = packed_autoguide_subsampling(guide)
