@@ -17,6 +17,10 @@ guide, a :func:`pyro.poutine.scale` whose value changes between calls, and the v
 validation checks (finite observations), which run when tracing only. Models whose structure
 depends on the data in those ways should stay eager.
 
+``torch.jit.trace`` is marked deprecated in torch 2.13 (in favour of ``torch.compile``, which
+breaks the graph at every Pyro messenger); it is what Pyro's own ``JitTrace_ELBO`` uses and it
+works here; its deprecation warning is silenced inside this module only.
+
 If tracing fails (a parameter the trace cannot see, an operation ``torch.jit.trace`` does not
 support), the loss runs the same call eagerly; if that succeeds the signature stays eager and a
 warning saying why is given once, otherwise the eager error is raised as without ``jit``.
@@ -93,8 +97,15 @@ def _module_parameters(fn: Callable) -> list[torch.Tensor]:
 class _Trace:
     """One traced graph: its parameter names, the extra module leaves, and the output names."""
 
-    def __init__(self, param_names: list[str], term_names: list[str], graph: Callable):
+    def __init__(
+        self,
+        param_names: list[str],
+        module_leaves: list[torch.Tensor],
+        term_names: list[str],
+        graph: Callable,
+    ):
         self.param_names = param_names
+        self.module_leaves = module_leaves
         self.term_names = term_names
         self.graph = graph
 
@@ -122,15 +133,19 @@ class CompiledLoss:
             loss.compile_state(),
         )
 
-    def _leaves(self, names: list[str], model, guide) -> list[torch.Tensor]:
+    def _leaves(
+        self, names: list[str], module_leaves: list[torch.Tensor], model, guide
+    ) -> list[torch.Tensor]:
         leaves: dict[int, torch.Tensor] = {}
-        store = pyro.get_param_store()
         for name in names:
-            leaf = store.get_param(name).unconstrained()
+            # the primitive, so that SVI's param capture sees the parameters of a replayed graph
+            leaf = pyro.param(name).unconstrained()
             leaves[id(leaf)] = leaf
         for fn in (model, guide):
             for param in _module_parameters(fn):
                 leaves.setdefault(id(param), param)
+        for param in module_leaves:
+            leaves.setdefault(id(param), param)
         return list(leaves.values())
 
     def __call__(self, loss, method: Callable, model, guide, args, kwargs) -> torch.Tensor:
@@ -150,10 +165,13 @@ class CompiledLoss:
             )
         if key in self.eager:
             return method(loss, model, guide, *args, **kwargs)
+        refusal = loss.compile_refusal()
+        if refusal is not None:
+            return self._eager(loss, method, key, refusal, model, guide, args, kwargs)
         trace = self.traces.get(key)
         if trace is None:
             return self._compile(loss, method, key, model, guide, args, kwargs)
-        leaves = self._leaves(trace.param_names, model, guide)
+        leaves = self._leaves(trace.param_names, trace.module_leaves, model, guide)
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
         outputs = trace.graph(*leaves, *arg_tensors)
@@ -181,10 +199,18 @@ class CompiledLoss:
             with _quiet_terms(loss):
                 method(loss, model, guide, *args, **kwargs)
         _set_rng_state(rng)  # the traced run draws the numbers the eager run would
-        param_names = [
-            name for name, site in capture.trace.nodes.items() if site["type"] == "param"
+        params = [site for site in capture.trace.nodes.values() if site["type"] == "param"]
+        param_names = [site["name"] for site in params]
+        # the module's own parameters, handed to pyro.module's pyro.param as initial values: a
+        # module uses them even when the store holds another tensor under its name (two models
+        # registering modules under the same name)
+        module_leaves = [
+            init
+            for site in params
+            for init in site["args"][1:2]
+            if isinstance(init, torch.nn.Parameter) and init.requires_grad
         ]
-        leaves = self._leaves(param_names, model, guide)
+        leaves = self._leaves(param_names, module_leaves, model, guide)
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
         num_leaves = len(leaves)
@@ -205,6 +231,8 @@ class CompiledLoss:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                # torch 2.13 marks torch.jit.trace deprecated; it still works (see module note)
+                warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
                 graph = torch.jit.trace(
                     traced, (*leaves, *arg_tensors), check_trace=False, strict=False
                 )
@@ -214,7 +242,7 @@ class CompiledLoss:
             return self._eager(loss, method, key, why, model, guide, args, kwargs)
         if len(self.traces) >= MAX_TRACES:
             self.traces.pop(next(iter(self.traces)))
-        self.traces[key] = _Trace(param_names, list(term_names), graph)
+        self.traces[key] = _Trace(param_names, module_leaves, list(term_names), graph)
         self.compile_count += 1
         # the tracing run computed this call's result (with its graph): return it
         value, *terms = first_outputs[-1]

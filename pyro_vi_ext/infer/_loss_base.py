@@ -126,6 +126,10 @@ class ParticleELBO(ELBO):
         """
         return ()
 
+    def compile_refusal(self) -> str | None:
+        """Return why this loss's computation cannot be traced (``None``: it can)."""
+        return None
+
     @contextlib.contextmanager
     def deferred_terms(self):
         """Collect the reported terms as tensors (the compiled path returns them from its graph).

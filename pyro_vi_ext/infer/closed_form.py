@@ -165,10 +165,7 @@ class ClosedFormELBO(ParticleELBO):
         elbo = weights.scale * per_point.sum()
         with torch.no_grad():
             per_datum = weights.scale / weights.data_size
-            self.last_terms = {
-                "elbo": float(elbo) / weights.data_size,
-                self.form: float(closed.sum()) * per_datum,
-            }
+            self._set_terms({"elbo": elbo / weights.data_size, self.form: closed.sum() * per_datum})
         return -elbo
 
 

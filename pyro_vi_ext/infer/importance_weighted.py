@@ -153,6 +153,15 @@ class ImportanceWeightedELBO(BoundELBO):
         self.variant: Variant = variant
         self.ciwae_beta = float(ciwae_beta)
 
+    def compile_refusal(self) -> str | None:
+        """Return why PIWAE is not traced (it differentiates inside the loss), else ``None``."""
+        if self.variant == "piwae":
+            return (
+                "variant='piwae' splits model and guide gradients with torch.autograd.grad "
+                "inside the loss, which torch.jit.trace cannot record"
+            )
+        return None
+
     def bound(self) -> Bound:
         """Return CIWAE for ``variant="ciwae"``, IWAE otherwise (PIWAE's guide objective)."""
         if self.variant == "ciwae":
