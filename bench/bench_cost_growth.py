@@ -59,6 +59,7 @@ class Encoder(nn.Module):
         self.scale = nn.Linear(HIDDEN, dim)
 
     def forward(self, x):
+        """Return ``(loc, scale)``."""
         h = torch.tanh(self.hidden(x))
         return self.loc(h), nn.functional.softplus(self.scale(h)) + 1e-4
 
@@ -73,6 +74,7 @@ class VAE:
         self.decoder = nn.Sequential(nn.Linear(dim, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, X_DIM))
 
     def model(self, x, n_data=None):
+        """Prior N(0, I_D) and Bernoulli decoder, data plate of size ``n_data``."""
         pyro.module(f"{self.name}_decoder", self.decoder)
         with pyro.plate("data", n_data or x.shape[0], subsample=torch.arange(x.shape[0])):
             prior = dist.Normal(x.new_zeros(self.dim), x.new_ones(self.dim)).to_event(1)
@@ -80,12 +82,14 @@ class VAE:
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def guide(self, x, n_data=None):
+        """Amortized factorized Normal."""
         pyro.module(f"{self.name}_encoder", self.encoder)
         with pyro.plate("data", n_data or x.shape[0], subsample=torch.arange(x.shape[0])):
             loc, scale = self.encoder(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def parameters(self):
+        """Return the encoder's and decoder's parameters."""
         return [*self.encoder.parameters(), *self.decoder.parameters()]
 
 

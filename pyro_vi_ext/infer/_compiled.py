@@ -1,6 +1,6 @@
 r"""The compiled path of every loss (``jit=True``): model, guide and bound traced per structure.
 
-:func:`compiled_loss` runs a loss's eager ``differentiable_loss`` under :func:`torch.jit.trace`
+:class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under :func:`torch.jit.trace`
 the first time it sees a *signature*, and replays the traced graph afterwards. The graph takes
 every parameter leaf (``pyro.param`` values, ``pyro.module`` modules, the parameters of a model or
 guide that is an ``nn.Module``) and every tensor argument as inputs, so the optimizer's updates
