@@ -68,7 +68,7 @@ def _hand_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
 
 def _ours_module_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="ours_module_step_")
     loss = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=1)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
@@ -83,7 +83,7 @@ def _ours_module_step(k: int, estimator: str, x_batches) -> Callable[[int], None
 
 def _ours_jit_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="ours_jit_step_")
     loss = ImportanceWeightedELBO(
         num_particles=k, estimator=estimator, max_plate_nesting=1, jit=True
     )
@@ -101,7 +101,7 @@ def _ours_jit_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
 def _trace_elbo_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     """Pyro's ``Trace_ELBO`` (the ELBO, i.e. IWAE at K = 1; K particles averaged otherwise)."""
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="trace_elbo_step_")
     loss = Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
@@ -116,7 +116,7 @@ def _trace_elbo_step(k: int, estimator: str, x_batches) -> Callable[[int], None]
 
 def _ours_svi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="ours_svi_step_")
     loss = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=1)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
 
@@ -128,7 +128,7 @@ def _ours_svi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
 
 def _renyi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="renyi_step_")
     loss = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
