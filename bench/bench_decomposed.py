@@ -38,14 +38,18 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro.infer import Trace_ELBO
-from torch import nn
+# this checkout's package, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_vi_ext import DecomposedELBO, elbo_surgery
+import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import Trace_ELBO  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pyro_vi_ext import DecomposedELBO, elbo_surgery  # noqa: E402
 
 ARCHS = {"small": (784, (400,), 10), "large": (4096, (1200, 1200), 10)}
 BETA = 6.0
