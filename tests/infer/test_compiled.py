@@ -29,12 +29,14 @@ class SmallVAE:
         self.decoder = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 6))
 
     def model(self, x):
+        """Prior N(0, I) and Bernoulli decoder."""
         pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(2), x.new_ones(2)).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def guide(self, x):
+        """Amortized factorized Normal."""
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
             out = self.encoder(x)
@@ -42,6 +44,7 @@ class SmallVAE:
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def parameters(self):
+        """Return the networks' parameters."""
         return [*self.encoder.parameters(), *self.decoder.parameters()]
 
 
@@ -117,6 +120,7 @@ LOSSES = {
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_compiled_matches_eager(name):
+    """Compiled equals eager on the call that traces and on two replays."""
     make = LOSSES[name]
     batches = [_data(seed=1), _data(seed=2), _data(seed=3)]
     pyro.clear_param_store()
@@ -131,6 +135,7 @@ def test_compiled_matches_eager(name):
 
 
 def test_compiled_loss_and_grads_through_svi_match_eager():
+    """SVI sees the parameters of a replayed graph and trains the same as eager."""
     x = _data()
     results = {}
     for jit in (False, True):
@@ -149,6 +154,7 @@ def test_compiled_loss_and_grads_through_svi_match_eager():
 
 
 def test_new_shapes_recompile_and_stay_exact():
+    """A new batch size traces anew; the values stay those of the eager path."""
     batches = [_data(8, seed=1), _data(5, seed=2), _data(8, seed=3)]
     make = LOSSES["iw-dreg-K3"]
     pyro.clear_param_store()
@@ -160,6 +166,7 @@ def test_new_shapes_recompile_and_stay_exact():
 
 
 def test_no_grad_loss_uses_its_own_trace():
+    """``loss`` (no gradient) is traced separately and matches eager."""
     pyro.clear_param_store()
     vae, x = SmallVAE(), _data()
     eager = ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1)
@@ -173,6 +180,7 @@ def test_no_grad_loss_uses_its_own_trace():
 
 
 def test_untraceable_model_falls_back_with_one_warning():
+    """A closure parameter cannot be traced: eager fallback, warned once."""
     # a parameter captured by closure, not through pyro.param / pyro.module: eager autograd
     # reaches it, torch.jit.trace cannot make it an input
     weight = torch.tensor(0.5, requires_grad=True)
@@ -206,6 +214,8 @@ def test_untraceable_model_falls_back_with_one_warning():
 
 
 def test_compiled_keeps_the_eager_error_of_a_broken_model():
+    """A model error is raised as on the eager path, not hidden by the fallback."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -247,6 +257,7 @@ def _hierarchical(dependent: bool):
 @pytest.mark.parametrize("dependent", [False, True])
 @pytest.mark.parametrize("estimator", ["stl", "dreg"])
 def test_detached_log_q_from_distributions_equals_the_replay(dependent, estimator):
+    """The rebuilt detached log q equals the detached replay (value, gradients)."""
     model, guide = _hierarchical(dependent)
     x = torch.randn(5)
     out = {}
@@ -274,6 +285,8 @@ def test_detached_log_q_from_distributions_equals_the_replay(dependent, estimato
 
 
 def test_structure_checks_rerun_for_a_new_structure():
+    """Cached checks are keyed on the structure: a new structure is checked."""
+
     def model(x, extra):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -296,6 +309,7 @@ def test_structure_checks_rerun_for_a_new_structure():
 
 
 def test_piwae_runs_eagerly_and_says_why():
+    """PIWAE is not traced and the warning says why."""
     batches = [_data(seed=1), _data(seed=2)]
 
     def make(**kw):
@@ -313,6 +327,7 @@ def test_piwae_runs_eagerly_and_says_why():
 
 
 def test_second_model_with_the_same_module_names_compiles():
+    """Module names shared with another model do not prevent tracing."""
     # pyro.module("encoder", ...) of a second VAE finds the first one's tensors in the store; the
     # second VAE's networks still use their own parameters, which the trace must take as inputs
     pyro.clear_param_store()
