@@ -64,18 +64,21 @@ def make_networks(seed: int = 0) -> tuple[Encoder, Decoder]:
 class PyroVAE:
     """Pyro model and guide over given networks (``pyro.module`` registers their parameters)."""
 
-    def __init__(self, encoder: Encoder, decoder: Decoder):
+    def __init__(self, encoder: Encoder, decoder: Decoder, prefix: str = ""):
         self.encoder, self.decoder = encoder, decoder
+        # distinct module names per instance: two VAEs registered under one name share the
+        # store's tensors, and SVI would then update the first VAE's networks
+        self.prefix = prefix
 
     def model(self, x):
-        pyro.module("decoder", self.decoder)
+        pyro.module(self.prefix + "decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(Z_DIM), x.new_ones(Z_DIM)).to_event(1)
             z = pyro.sample("z", prior)
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
 
     def guide(self, x):
-        pyro.module("encoder", self.encoder)
+        pyro.module(self.prefix + "encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
             loc, scale = self.encoder(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))

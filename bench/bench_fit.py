@@ -29,15 +29,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
-from torch import nn
+# this checkout's package, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_vi_ext.training import fit
+import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import SVI, Trace_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoNormal  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pyro_vi_ext.training import fit  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- models

@@ -5,7 +5,8 @@ The VAE is 784-400-20 with batch 128, a Bernoulli likelihood and procedural bina
 1. Correctness check: on the same random numbers our loss and gradients equal the hand-written
    PyTorch IWAE / STL / DReG losses (``bench/_vae.py``).
 2. Speed: ms per training step (loss, backward, Adam step) for the hand-written loss, ours through
-   ``ELBOModule`` + ``torch.optim.Adam`` (same optimizer as hand-written), ours through
+   ``ELBOModule`` + ``torch.optim.Adam`` (same optimizer as hand-written), ours compiled
+   (``jit=True``, same optimizer), Pyro's ``Trace_ELBO`` (same K, same optimizer), ours through
    ``pyro.infer.SVI`` + ``pyro.optim.Adam``, and Pyro's ``RenyiELBO(alpha=0)`` (``loss_and_grads``
    + ``torch.optim.Adam``), for K in (1, 5, 50) and each estimator. Runs alternate method by
    method in rounds after warm-up; the median over rounds of the mean step time is reported, and
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyro  # noqa: E402
 import torch  # noqa: E402
 from _vae import PyroVAE, binary_data, handwritten_iw_loss, make_networks  # noqa: E402
-from pyro.infer import SVI, RenyiELBO  # noqa: E402
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO  # noqa: E402
 
 from pyro_vi_ext import ImportanceWeightedELBO  # noqa: E402
 
@@ -67,8 +68,41 @@ def _hand_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
 
 def _ours_module_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="ours_module_step_")
     loss = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=1)
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def step(i: int) -> None:
+        optimizer.zero_grad()
+        loss.differentiable_loss(vae.model, vae.guide, x_batches[i % len(x_batches)]).backward()
+        optimizer.step()
+
+    return step
+
+
+def _ours_jit_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
+    encoder, decoder = make_networks()
+    vae = PyroVAE(encoder, decoder, prefix="ours_jit_step_")
+    loss = ImportanceWeightedELBO(
+        num_particles=k, estimator=estimator, max_plate_nesting=1, jit=True
+    )
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def step(i: int) -> None:
+        optimizer.zero_grad()
+        loss.differentiable_loss(vae.model, vae.guide, x_batches[i % len(x_batches)]).backward()
+        optimizer.step()
+
+    return step
+
+
+def _trace_elbo_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
+    """Pyro's ``Trace_ELBO`` (the ELBO, i.e. IWAE at K = 1; K particles averaged otherwise)."""
+    encoder, decoder = make_networks()
+    vae = PyroVAE(encoder, decoder, prefix="trace_elbo_step_")
+    loss = Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
 
@@ -82,7 +116,7 @@ def _ours_module_step(k: int, estimator: str, x_batches) -> Callable[[int], None
 
 def _ours_svi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="ours_svi_step_")
     loss = ImportanceWeightedELBO(num_particles=k, estimator=estimator, max_plate_nesting=1)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
 
@@ -94,7 +128,7 @@ def _ours_svi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
 
 def _renyi_step(k: int, estimator: str, x_batches) -> Callable[[int], None]:
     encoder, decoder = make_networks()
-    vae = PyroVAE(encoder, decoder)
+    vae = PyroVAE(encoder, decoder, prefix="renyi_step_")
     loss = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-3)
@@ -112,6 +146,8 @@ METHODS = {
     "ours": _ours_module_step,
     "ours_svi": _ours_svi_step,
     "renyi": _renyi_step,
+    "ours_jit": _ours_jit_step,
+    "trace": _trace_elbo_step,
 }
 
 
@@ -133,19 +169,22 @@ def speed_table(
 
     A ratio is the median over rounds of the per-round ratio (each round runs every method back
     to back, so a ratio compares runs made under the same machine load); ``lo-hi`` is the range
-    of ours/hand over rounds.
+    of ours/hand and jit/hand over rounds. ``/Trace`` compares with Pyro's ``Trace_ELBO`` with
+    the same K (the ELBO: the same objective only at K = 1) in the same rounds.
     """
     lines = [
-        f"{'estimator':>9} {'K':>3} | {'hand ms':>8} {'ours ms':>8} {'ours/hand':>9} "
-        f"{'(lo-hi)':>11} | {'SVI ms':>8} {'SVI/hand':>8} | {'Renyi ms':>8} {'Renyi/hand':>10}"
+        f"{'estimator':>9} {'K':>3} | {'hand ms':>7} | {'ours ms':>7} {'/hand':>6} {'(lo-hi)':>10}"
+        f" {'/Trace':>6} | {'jit ms':>7} {'/hand':>6} {'(lo-hi)':>10} {'/Trace':>6} | "
+        f"{'SVI/hand':>8} | {'Trace ms':>8} {'/hand':>6} | {'Renyi/hand':>10}"
     ]
     print(lines[0], flush=True)
     for k in ks:
         for estimator in estimators:
             pyro.clear_param_store()
-            names = ["hand", "ours", "ours_svi"] + (["renyi"] if estimator == "iwae" else [])
+            names = ["hand", "ours", "ours_jit", "ours_svi", "trace"]
+            names += ["renyi"] if estimator == "iwae" else []
             steps_fns = {name: METHODS[name](k, estimator, x_batches) for name in names}
-            for step in steps_fns.values():  # warm-up
+            for step in steps_fns.values():  # warm-up (the compiled loss traces here)
                 time_steps(step, 0, warmup)
             times: dict[str, list[float]] = {name: [] for name in names}
             for r in range(rounds):
@@ -153,21 +192,25 @@ def speed_table(
                 for name in order:
                     times[name].append(time_steps(steps_fns[name], warmup + r * steps, steps))
             med = {name: statistics.median(values) for name, values in times.items()}
-            ratio = {
-                name: [t / h for t, h in zip(values, times["hand"], strict=True)]
-                for name, values in times.items()
-            }
-            paired = {name: statistics.median(values) for name, values in ratio.items()}
-            renyi = (
-                f"{med['renyi']:8.1f} {paired['renyi']:10.3f}"
-                if "renyi" in med
-                else f"{'-':>8} {'-':>10}"
-            )
-            spread = f"{min(ratio['ours']):.2f}-{max(ratio['ours']):.2f}"
+
+            def paired(name, ref, times=times):
+                return [t / h for t, h in zip(times[name], times[ref], strict=True)]
+
+            def median_ratio(name, ref="hand", paired=paired):
+                return statistics.median(paired(name, ref))
+
+            def spread(name, paired=paired):
+                values = paired(name, "hand")
+                return f"{min(values):.2f}-{max(values):.2f}"
+
+            renyi = f"{median_ratio('renyi'):10.3f}" if "renyi" in med else f"{'-':>10}"
             lines.append(
-                f"{estimator:>9} {k:>3} | {med['hand']:8.1f} {med['ours']:8.1f} "
-                f"{paired['ours']:9.3f} {spread:>11} | {med['ours_svi']:8.1f} "
-                f"{paired['ours_svi']:8.3f} | {renyi}"
+                f"{estimator:>9} {k:>3} | {med['hand']:7.2f} | {med['ours']:7.2f} "
+                f"{median_ratio('ours'):6.3f} {spread('ours'):>10} "
+                f"{median_ratio('ours', 'trace'):6.3f} | {med['ours_jit']:7.2f} "
+                f"{median_ratio('ours_jit'):6.3f} {spread('ours_jit'):>10} "
+                f"{median_ratio('ours_jit', 'trace'):6.3f} | {median_ratio('ours_svi'):8.3f} | "
+                f"{med['trace']:8.2f} {median_ratio('trace'):6.3f} | {renyi}"
             )
             print(lines[-1], flush=True)
     return lines
@@ -281,6 +324,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="K values to time")
+    parser.add_argument("--batch", type=int, default=BATCH, help="minibatch size B")
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-snr", action="store_true")
@@ -293,8 +337,8 @@ def main(argv=None) -> None:
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validate)  # also torch.distributions' argument validation
-    data = binary_data(64 * BATCH, seed=0)
-    x_batches = list(data.split(BATCH))
+    data = binary_data(64 * args.batch, seed=0)
+    x_batches = list(data.split(args.batch))
 
     print("# bench_iwae: ImportanceWeightedELBO vs hand-written PyTorch IWAE/STL/DReG")
     print(f"# command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
@@ -304,7 +348,7 @@ def main(argv=None) -> None:
         f"clock {args.clock}"
     )
     print(
-        f"# VAE 784-400-20, batch {BATCH}, Bernoulli likelihood, procedural binary data; "
+        f"# VAE 784-400-20, batch {args.batch}, Bernoulli likelihood, procedural binary data; "
         f"steps {args.steps} x rounds {args.rounds}, warm-up {args.warmup}"
     )
     print("\n## same random numbers: ours vs hand-written")

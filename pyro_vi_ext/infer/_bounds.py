@@ -57,6 +57,8 @@ def log_mean_exp(values: torch.Tensor, dim: int = PARTICLE_DIM) -> torch.Tensor:
     >>> float(log_mean_exp(torch.zeros(1, 3, 1)).squeeze())
     0.0
     """
+    if values.shape[dim] == 1:  # exactly the value (logsumexp of one term, minus log 1)
+        return values.squeeze(dim)
     return torch.logsumexp(values, dim) - math.log(values.shape[dim])
 
 

@@ -197,16 +197,34 @@ class DregAliases:
     False
     """
 
-    def __init__(self) -> None:
+    def __init__(self, traceable: bool = False) -> None:
         self.aliases: dict[str, list[torch.Tensor]] = {}
+        self.traceable = traceable
+        self._slots: dict[str, list[_FactorSlot]] = {}
+        self._filled: list[torch.Tensor] = []
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """Return an identity alias of ``value`` (recorded), or ``value`` if it has no graph."""
         if not value.requires_grad:
             return value
-        alias = value.view_as(value)
+        if self.traceable:
+            slot = _FactorSlot()
+            alias = _ScaleGradientLater.apply(value, slot)
+            self._slots.setdefault(name, []).append(slot)
+        else:
+            alias = value.view_as(value)
         self.aliases.setdefault(name, []).append(alias)
         return alias
+
+    def keep_alive(self, surrogate: torch.Tensor) -> torch.Tensor:
+        """Return ``surrogate`` tied to the factors set on the traceable path (same value).
+
+        A traced graph only keeps operations that its outputs depend on; adding zero times the
+        factors keeps the operations that store them.
+        """
+        for factor in self._filled:
+            surrogate = surrogate + 0.0 * factor.sum()
+        return surrogate
 
     def reweight(
         self,
@@ -238,7 +256,52 @@ class DregAliases:
         for name, aliases in self.aliases.items():
             for index, alias in enumerate(aliases):
                 factor = to_site(ratio, name, index)
-                alias.register_hook(lambda grad, factor=factor: grad * factor)
+                if self.traceable:
+                    self._filled.append(_FillFactor.apply(factor, self._slots[name][index]))
+                else:
+                    alias.register_hook(lambda grad, factor=factor: grad * factor)
+
+
+class _FactorSlot:
+    """Where one alias's backward finds its factor; re-armed by every forward of the alias.
+
+    On the compiled path the slot object is a constant of the traced graph: each run of
+    :class:`_ScaleGradientLater` hands its backward a fresh cell and :class:`_FillFactor` fills
+    that cell later in the same run, so a graph kept from an earlier call keeps its own factor.
+    """
+
+    def __init__(self) -> None:
+        self.cell: list[torch.Tensor] = []
+
+
+class _ScaleGradientLater(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by a factor known only later (DReG).
+
+    The hook-free form of the alias hook: both functions are recorded by ``torch.jit.trace`` and
+    run at every call of the traced graph.
+    """
+
+    @staticmethod
+    def forward(ctx, value, slot):
+        ctx.cell = slot.cell = []
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.cell[0], None
+
+
+class _FillFactor(torch.autograd.Function):
+    """Identity on a detached factor that stores it in the slot of its alias (see above)."""
+
+    @staticmethod
+    def forward(ctx, factor, slot):
+        slot.cell.append(factor.detach())
+        return factor.view_as(factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def trace_parameters(trace: poutine.Trace, fn: Callable) -> list[torch.Tensor]:

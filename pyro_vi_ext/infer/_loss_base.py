@@ -8,6 +8,7 @@ and a gradient estimator of :mod:`pyro_vi_ext.infer._gradients`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pyro.infer import ELBO
 
 from pyro_vi_ext.infer import _validation
 from pyro_vi_ext.infer._bounds import Bound, effective_sample_size, elbo_bound
+from pyro_vi_ext.infer._compiled import CompiledLoss
 from pyro_vi_ext.infer._gradients import (
     DregAliases,
     Estimator,
@@ -26,6 +28,8 @@ from pyro_vi_ext.infer._gradients import (
     surrogate_loss,
 )
 from pyro_vi_ext.infer._weights import ParticleWeights, guess_plate_nesting, trace_particles
+
+_MAX_CACHED_STRUCTURES = 256
 
 
 class ParticleELBO(ELBO):
@@ -47,6 +51,11 @@ class ParticleELBO(ELBO):
         loop (:attr:`supports_sequential_particles` False) refuse False.
     retain_graph : bool or None
         Passed to ``backward`` in :meth:`loss_and_grads`.
+    jit : bool
+        Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
+        shapes, a new model or guide, gradients on/off recompile); same values and gradients as
+        the eager path on the same draws, eager fallback with a warning when tracing fails.
+        See :mod:`pyro_vi_ext.infer._compiled`.
     """
 
     #: whether ``vectorize_particles=False`` (a loop over particles) is supported
@@ -69,6 +78,7 @@ class ParticleELBO(ELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -100,6 +110,65 @@ class ParticleELBO(ELBO):
         )
         self.last_terms: dict[str, float] = {}
         self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
+        # what only changes with the model's structure (checks passed, detachability), keyed on it
+        self._structure_cache: dict = {}
+        self.jit = bool(jit)
+        self._compiled = CompiledLoss() if self.jit else None
+        self._deferred_terms: dict[str, torch.Tensor] | None = None
+        self.tracing = False  # True while torch.jit.trace records differentiable_loss
+
+    # -- the compiled path ------------------------------------------------------------------
+    def compile_state(self) -> tuple:
+        """Return the loss state a compiled trace depends on (default: none).
+
+        Subclasses whose maths changes between calls (annealed weights) return it, so that a
+        change recompiles instead of replaying stale constants.
+        """
+        return ()
+
+    def compile_refusal(self) -> str | None:
+        """Return why this loss's computation cannot be traced (``None``: it can)."""
+        return None
+
+    @contextlib.contextmanager
+    def deferred_terms(self):
+        """Collect the reported terms as tensors (the compiled path returns them from its graph).
+
+        Yields
+        ------
+        dict
+            Filled with ``{name: 0-d tensor}`` by the loss during the call.
+        """
+        terms: dict[str, torch.Tensor] = {}
+        saved = self._deferred_terms, self.tracing
+        self._deferred_terms, self.tracing = terms, True
+        try:
+            yield terms
+        finally:
+            self._deferred_terms, self.tracing = saved
+
+    def _set_terms(self, terms: dict[str, torch.Tensor | float]) -> None:
+        """Store the reported terms: as floats, or as tensors while they are deferred."""
+        if self._deferred_terms is not None:
+            for name, term in terms.items():
+                self._deferred_terms[name] = torch.as_tensor(term).detach()
+        else:
+            self.last_terms = {name: float(term) for name, term in terms.items()}
+
+    def set_compiled_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Set :attr:`last_terms` from the term tensors a compiled graph returned."""
+        self.last_terms = {name: float(term) for name, term in terms.items()}
+
+    def structure_cache(self) -> dict:
+        """Return the per-structure cache handed to ``trace_particles`` (bounded in size).
+
+        Keys name the model, guide and their trace structure, so a new structure (new shapes, new
+        sites) is checked afresh; the cache is emptied when it holds many structures (e.g. a
+        batch size that changes every step).
+        """
+        if len(self._structure_cache) > _MAX_CACHED_STRUCTURES:
+            self._structure_cache.clear()
+        return self._structure_cache
 
     def _model_plate_nesting(self, model: Callable, guide: Callable, args, kwargs) -> int:
         if self.max_plate_nesting == float("inf"):
@@ -147,7 +216,7 @@ class BoundELBO(ParticleELBO):
         Independent bounds ``M`` averaged.
     estimator : {"iwae", "stl", "dreg"}
         The gradient estimator (:mod:`pyro_vi_ext.infer._gradients`).
-    max_plate_nesting, vectorize_particles, retain_graph
+    max_plate_nesting, vectorize_particles, retain_graph, jit
         As for :class:`ParticleELBO`.
     """
 
@@ -163,6 +232,7 @@ class BoundELBO(ParticleELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         check_estimator(estimator)
         if not isinstance(num_outer, int) or num_outer < 1:
@@ -172,6 +242,7 @@ class BoundELBO(ParticleELBO):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            jit=jit,
         )
         self.num_outer = num_outer
         self.estimator: Estimator = estimator
@@ -216,7 +287,13 @@ class BoundELBO(ParticleELBO):
         bound = self.bound()
         detach = needs_detached_guide(self.estimator)
         grad_enabled = torch.is_grad_enabled()
-        aliases = DregAliases() if self.estimator == "dreg" and grad_enabled else None
+        # with one particle per bound every path weight equals the particle weight (both 1):
+        # DReG is STL and needs no hooks
+        aliases = (
+            DregAliases(traceable=self.tracing)
+            if self.estimator == "dreg" and grad_enabled and num_particles > 1
+            else None
+        )
         total = num_outer * num_particles
         weights = trace_particles(
             model,
@@ -231,14 +308,19 @@ class BoundELBO(ParticleELBO):
             # one particle needs no particle plate (as Trace_ELBO): the model need not broadcast
             vectorize=self.vectorize_particles and total > 1,
             linear_in_log_weights=self.is_linear_in_log_weights(),
+            structure_cache=self.structure_cache(),
         )
         log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
-        value = weights.scale * self.reported_value(log_weights).sum()
+        guide_objective = bound.value(log_weights)  # [M, P]
+        if type(self).reported_value is BoundELBO.reported_value:
+            reported = guide_objective.mean(0)  # the same tensor: computed once
+        else:
+            reported = self.reported_value(log_weights)
+        value = weights.scale * reported.sum()
         self._record_terms(weights, log_weights, value)
         if not grad_enabled:
             return -value
 
-        guide_objective = bound.value(log_weights)  # [M, P]
         linear = self.is_linear_in_log_weights()
         for site_score in weights.site_scores:
             shape = (num_outer, num_particles, *site_score.log_q.shape[1:])
@@ -259,6 +341,7 @@ class BoundELBO(ParticleELBO):
                 )
         if aliases is not None:
             aliases.reweight(bound, log_weights, weights.per_point_to_run_site)
+            guide_objective = aliases.keep_alive(guide_objective)
         guide_surrogate = weights.scale * guide_objective.mean(0).sum()
         surrogate = self.combine_surrogates(model, guide, weights, value, guide_surrogate)
         return surrogate_loss(value, surrogate)
@@ -266,11 +349,13 @@ class BoundELBO(ParticleELBO):
     def _record_terms(self, weights: ParticleWeights, log_weights, value) -> None:
         with torch.no_grad():
             per_point = weights.scale / weights.data_size
-            self.last_terms = {
-                self.bound_term: float(value) / weights.data_size,
-                "elbo": float(elbo_bound(log_weights).mean(0).sum()) * per_point,
-                "ess": float(effective_sample_size(log_weights).mean()),
-            }
+            self._set_terms(
+                {
+                    self.bound_term: value / weights.data_size,
+                    "elbo": elbo_bound(log_weights).mean(0).sum() * per_point,
+                    "ess": effective_sample_size(log_weights).mean(),
+                }
+            )
 
 
 def _checked_float(value: torch.Tensor) -> float:

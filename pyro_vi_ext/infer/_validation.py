@@ -898,6 +898,9 @@ def guarded_differentiable_loss(method: Callable) -> Callable:
         check_elbo_instance(self, "differentiable_loss")
         try:
             _check_memory_once(self, model, guide, args, kwargs)
+            compiled = getattr(self, "_compiled", None)
+            if compiled is not None and not getattr(self, "tracing", False):
+                return compiled(self, method, model, guide, args, kwargs)
             return method(self, model, guide, *args, **kwargs)
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             nesting = getattr(self, "max_plate_nesting", math.inf)

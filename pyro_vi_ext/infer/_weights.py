@@ -962,6 +962,138 @@ def _detached_replay(
     return prune_subsample_sites(detached)
 
 
+def _detached_distribution(fn) -> torch.distributions.Distribution | None:
+    """Rebuild a Normal (or ``Independent`` Normal) with detached parameters; else ``None``.
+
+    The distribution has the same values and log-density as the original, with the guide
+    parameters' graph cut (the ``q_{sg(phi)}`` of STL / DReG).
+    """
+    if type(fn) in _DETACHABLE_INDEPENDENT:
+        base = _detached_distribution(fn.base_dist)
+        if base is None:
+            return None
+        return type(fn)(base, fn.reinterpreted_batch_ndims, validate_args=False)
+    if type(fn) in _DETACHABLE_NORMAL:
+        return type(fn)(fn.loc.detach(), fn.scale.detach(), validate_args=False)
+    return None
+
+
+_DETACHABLE_NORMAL = (torch.distributions.Normal, pyro.distributions.Normal)
+_DETACHABLE_INDEPENDENT = (torch.distributions.Independent, pyro.distributions.Independent)
+
+
+def guide_structure(guide_trace: poutine.Trace) -> tuple:
+    """Return a key that changes whenever a guide trace's structure does.
+
+    Per sample site: name, distribution type, batch and event shape, value shape and the plate
+    frames (name, dim, size). Used to cache, per structure, what only needs checking once.
+
+    Parameters
+    ----------
+    guide_trace : pyro.poutine.Trace
+        A guide trace.
+
+    Returns
+    -------
+    tuple
+        Hashable key.
+    """
+    key = []
+    for name, site in sample_sites(guide_trace):
+        fn = site["fn"]
+        value = site["value"]
+        key.append(
+            (
+                name,
+                type(fn),
+                tuple(getattr(fn, "batch_shape", ())),
+                tuple(getattr(fn, "event_shape", ())),
+                tuple(value.shape) if isinstance(value, torch.Tensor) else None,
+                tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]),
+                site["is_observed"],
+                site["infer"].get("enumerate"),
+                site["mask"] is None or isinstance(site["mask"], bool),
+            )
+        )
+    return tuple(key)
+
+
+def _parameters_independent_of_latents(guide_trace: poutine.Trace) -> bool:
+    """Whether no guide site's distribution parameters depend on an earlier guide latent.
+
+    Then detaching each site's parameters equals replaying the guide with detached parameters
+    (no path derivative runs from one latent through another site's parameters).
+    """
+    earlier: list[torch.Tensor] = []
+    for _, site in latent_sites(guide_trace):
+        fn = site["fn"]
+        while type(fn) in _DETACHABLE_INDEPENDENT:
+            fn = fn.base_dist
+        params = [p for p in (fn.loc, fn.scale) if p.requires_grad]
+        if earlier and params:
+            grads = torch.autograd.grad(
+                [p.sum() for p in params], earlier, retain_graph=True, allow_unused=True
+            )
+            if any(g is not None for g in grads):
+                return False
+        if site["value"].requires_grad:
+            earlier.append(site["value"])
+    return True
+
+
+def detached_guide_from_distributions(
+    guide_trace: poutine.Trace,
+    aliases: dict[str, torch.Tensor],
+    independence_cache: dict | None = None,
+) -> poutine.Trace | None:
+    """Return the detached guide trace (STL / DReG) without replaying the guide, if possible.
+
+    Each latent site's distribution is rebuilt with detached parameters (Normal and Independent
+    Normal; see :func:`_detached_distribution`) and evaluated at the site's value (its DReG alias
+    when given). This equals a replay of the guide with detached parameters, in value and
+    gradient, when no site's parameters depend on an earlier latent; that is checked once per
+    guide structure (``independence_cache``, keyed on :func:`guide_structure`) when the guide has
+    more than one latent. ``None`` (use the replay) for any other distribution or a dependent
+    guide.
+
+    Parameters
+    ----------
+    guide_trace : pyro.poutine.Trace
+        The guide trace, subsample sites pruned.
+    aliases : dict
+        DReG's aliases of the latent values by site name (may be empty).
+    independence_cache : dict, optional
+        Structure key -> bool, owned by the caller (a loss instance).
+
+    Returns
+    -------
+    pyro.poutine.Trace or None
+        A trace holding the guide's latent sites with detached distributions.
+    """
+    latents = list(latent_sites(guide_trace))
+    detached = {}
+    for name, site in latents:
+        fn = _detached_distribution(site["fn"])
+        if fn is None or site["args"] or site["kwargs"]:
+            return None
+        detached[name] = fn
+    if len(latents) > 1 and torch.is_grad_enabled():
+        key = guide_structure(guide_trace)
+        independent = None if independence_cache is None else independence_cache.get(key)
+        if independent is None:
+            independent = _parameters_independent_of_latents(guide_trace)
+            if independence_cache is not None:
+                independence_cache[key] = independent
+        if not independent:
+            return None
+    trace = poutine.Trace()
+    for name, site in latents:
+        trace.add_node(
+            name, **{**site, "fn": detached[name], "value": aliases.get(name, site["value"])}
+        )
+    return trace
+
+
 def trace_particles(
     model: Callable,
     guide: Callable,
@@ -975,6 +1107,7 @@ def trace_particles(
     require_rsample: str | None = None,
     vectorize: bool = True,
     linear_in_log_weights: bool = False,
+    structure_cache: dict | None = None,
 ) -> ParticleWeights:
     """Draw ``num_particles`` particles of ``guide``, replay ``model`` on them, collect log-weights.
 
@@ -1008,6 +1141,12 @@ def trace_particles(
         The caller only averages the log-weights over particles (an ELBO, ``K = 1``): a subsampled
         plate that is not a point plate is then allowed, with Pyro's scaled log-densities and one
         point for the whole trace, instead of an error.
+    structure_cache : dict, optional
+        A dict owned by the caller (one per loss) in which facts that only change with the
+        model's structure are cached, keyed on that structure (:func:`guide_structure`): whether
+        the detached ``log q`` can be computed from the guide trace's own distributions (no
+        parameter depends on another latent), and the validation checks already passed. Without
+        it every call re-checks.
 
     Returns
     -------
@@ -1056,9 +1195,22 @@ def trace_particles(
 
     runs: list[ParticleRun] = []
     for index, (full_model_trace, full_guide_trace, aliases) in enumerate(runs_full):
-        if index == 0:
+        # structure checks: once per (model, guide, structure) when the caller keeps a cache
+        checked_key = None
+        if structure_cache is not None:
+            checked_key = (
+                "checked",
+                _validation._program_key(model),
+                _validation._program_key(guide),
+                window,
+                validate,
+                guide_structure(full_model_trace),
+                guide_structure(full_guide_trace),
+            )
+        already_checked = checked_key is not None and checked_key in structure_cache
+        if index == 0 and not already_checked:
             _validation.check_model_guide_traces(full_model_trace, full_guide_trace, plate_nesting)
-        if validate:
+        if validate and not already_checked:
             check_model_guide_match(full_model_trace, full_guide_trace, window)
         model_trace = prune_subsample_sites(full_model_trace)
         guide_trace = prune_subsample_sites(full_guide_trace)
@@ -1070,10 +1222,24 @@ def trace_particles(
         if detach_guide_parameters:
             if validate and index == 0:
                 _check_detachment(guide, wrapped_guide, full_guide_trace, args, kwargs)
-            detached = _detached_replay(
-                guide, wrapped_guide, full_guide_trace, aliases, args, kwargs
+            detached = detached_guide_from_distributions(
+                guide_trace,
+                aliases,
+                None
+                if structure_cache is None
+                else structure_cache.setdefault(("detach", _validation._program_key(guide)), {}),
             )
+            if detached is None:
+                detached = _detached_replay(
+                    guide, wrapped_guide, full_guide_trace, aliases, args, kwargs
+                )
         runs.append(ParticleRun(model_trace, guide_trace, detached))
+        if validate and not already_checked:
+            for trace in (model_trace, guide_trace):
+                for _, site in sample_sites(trace):
+                    check_site_shape({**site, "log_prob": site_log_prob(site)}, window)
+        if checked_key is not None:
+            structure_cache[checked_key] = True
 
     first = runs[0]
     traces = (first.model_trace, first.guide_trace)
@@ -1112,10 +1278,6 @@ def trace_particles(
     log_p_rows, log_q_rows, score_rows = [], [], []
     site_pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for run in runs:
-        if validate:
-            for trace in (run.model_trace, run.guide_trace):
-                for _, site in sample_sites(trace):
-                    check_site_shape({**site, "log_prob": site_log_prob(site)}, window)
         model_terms = _model_terms(run.model_trace, scale_of)
         guide_terms = _guide_terms(run.guide_trace, scale_of)
         q_terms = guide_terms
@@ -1211,7 +1373,9 @@ __all__ = [
     "SiteScore",
     "check_finite_observations",
     "common_user_scale",
+    "detached_guide_from_distributions",
     "guess_plate_nesting",
+    "guide_structure",
     "latent_sites",
     "particle_plate",
     "sample_sites",

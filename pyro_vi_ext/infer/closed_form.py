@@ -96,6 +96,11 @@ class ClosedFormELBO(ParticleELBO):
         Must be True.
     retain_graph
         Passed to ``backward`` in ``loss_and_grads``.
+    jit : bool
+        Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
+        shapes, a new model or guide, gradients on/off recompile); same values and gradients as
+        the eager path on the same draws, eager fallback with a warning when tracing fails.
+        See :mod:`pyro_vi_ext.infer._compiled`.
 
     Examples
     --------
@@ -114,6 +119,7 @@ class ClosedFormELBO(ParticleELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
@@ -122,6 +128,7 @@ class ClosedFormELBO(ParticleELBO):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            jit=jit,
         )
         self.form: Form = form
 
@@ -158,10 +165,7 @@ class ClosedFormELBO(ParticleELBO):
         elbo = weights.scale * per_point.sum()
         with torch.no_grad():
             per_datum = weights.scale / weights.data_size
-            self.last_terms = {
-                "elbo": float(elbo) / weights.data_size,
-                self.form: float(closed.sum()) * per_datum,
-            }
+            self._set_terms({"elbo": elbo / weights.data_size, self.form: closed.sum() * per_datum})
         return -elbo
 
 

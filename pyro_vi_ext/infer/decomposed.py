@@ -150,6 +150,11 @@ class DecomposedELBO(ParticleELBO):
         Must be True (particles are always vectorized).
     retain_graph : bool, optional
         Passed to ``backward`` in ``loss_and_grads``.
+    jit : bool
+        Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
+        shapes, a new model or guide, gradients on/off recompile); same values and gradients as
+        the eager path on the same draws, eager fallback with a warning when tracing fails.
+        See :mod:`pyro_vi_ext.infer._compiled`.
     estimator : {"mss", "mws"}, optional
         Deprecated name of ``aggregate`` (a ``FutureWarning``): ``estimator`` is the gradient
         estimator in :class:`~pyro_vi_ext.ImportanceWeightedELBO`.
@@ -232,6 +237,7 @@ class DecomposedELBO(ParticleELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
         *,
         estimator: Aggregate | object = _UNSET,
     ):
@@ -262,6 +268,7 @@ class DecomposedELBO(ParticleELBO):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            jit=jit,
         )
         self.alpha = _check_weight("alpha", alpha)
         self.beta = _check_weight("beta", beta)
@@ -279,6 +286,10 @@ class DecomposedELBO(ParticleELBO):
     def set_step(self, step: int) -> None:
         """Set the training step at which callable weights are evaluated."""
         self.step = int(step)
+
+    def compile_state(self) -> tuple:
+        """Return the current weights: a compiled trace bakes them in (a change recompiles)."""
+        return tuple(sorted(self.current_weights().items()))
 
     def current_weights(self) -> dict[str, float]:
         """Return ``{"alpha", "beta", "gamma"}`` at the current step."""
@@ -356,7 +367,13 @@ class DecomposedELBO(ParticleELBO):
         num_particles = self.num_particles
         try:
             weights = trace_particles(
-                model, guide, args, kwargs, num_particles=num_particles, plate_nesting=nesting
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=num_particles,
+                plate_nesting=nesting,
+                structure_cache=self.structure_cache(),
             )
         except ValueError as error:
             reason = packed_autoguide_subsampling(guide)
@@ -497,13 +514,15 @@ class DecomposedELBO(ParticleELBO):
             dwkl = c_code * terms.dimwise_kl.sum(-1).mean()
             elbo = log_w.mean()
             recon = elbo + mi + tc + dwkl
-            self.last_terms = {
-                "reconstruction": float(recon) * per_point,
-                "index_code_mi": float(mi) * per_point,
-                "total_correlation": float(tc) * per_point,
-                "dimwise_kl": float(dwkl) * per_point,
-                "elbo": float(elbo) * per_point,
-            }
+            self._set_terms(
+                {
+                    "reconstruction": recon * per_point,
+                    "index_code_mi": mi * per_point,
+                    "total_correlation": tc * per_point,
+                    "dimwise_kl": dwkl * per_point,
+                    "elbo": elbo * per_point,
+                }
+            )
 
     def _record_shifts(self, n: int, code_dim: int, weight: float) -> None:
         shift = math.log(n) * weight if self.aggregate == "mws" else 0.0

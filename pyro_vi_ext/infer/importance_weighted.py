@@ -96,6 +96,11 @@ class ImportanceWeightedELBO(BoundELBO):
         not broadcast; same values on the same draws). One particle never adds a plate.
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
+    jit : bool
+        Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
+        shapes, a new model or guide, gradients on/off recompile); same values and gradients as
+        the eager path on the same draws, eager fallback with a warning when tracing fails.
+        See :mod:`pyro_vi_ext.infer._compiled`.
 
     References
     ----------
@@ -130,6 +135,7 @@ class ImportanceWeightedELBO(BoundELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
@@ -142,9 +148,19 @@ class ImportanceWeightedELBO(BoundELBO):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            jit=jit,
         )
         self.variant: Variant = variant
         self.ciwae_beta = float(ciwae_beta)
+
+    def compile_refusal(self) -> str | None:
+        """Return why PIWAE is not traced (it differentiates inside the loss), else ``None``."""
+        if self.variant == "piwae":
+            return (
+                "variant='piwae' splits model and guide gradients with torch.autograd.grad "
+                "inside the loss, which torch.jit.trace cannot record"
+            )
+        return None
 
     def bound(self) -> Bound:
         """Return CIWAE for ``variant="ciwae"``, IWAE otherwise (PIWAE's guide objective)."""

@@ -79,6 +79,8 @@ class RenyiAlphaELBO(BoundELBO):
         Draw the particles on a vectorized plate (default) or in a loop (False).
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
+    jit : bool
+        Compile once per signature (see :class:`~pyro_vi_ext.ImportanceWeightedELBO`).
 
     References
     ----------
@@ -105,6 +107,7 @@ class RenyiAlphaELBO(BoundELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         if not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(
@@ -118,6 +121,7 @@ class RenyiAlphaELBO(BoundELBO):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            jit=jit,
         )
         self.alpha = float(alpha)
 

@@ -1,0 +1,343 @@
+"""The compiled path (``jit=True``) against the eager path, and the eager fast paths of issue 12.
+
+On the same seed the compiled and the eager loss draw the same numbers, so values, gradients and
+reported terms must agree (to float rounding of a reordered graph) on the call that traces and
+on the calls that replay the trace.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyro_vi_ext import ClosedFormELBO, DecomposedELBO, ImportanceWeightedELBO, RenyiAlphaELBO
+from pyro_vi_ext.infer import _weights
+from pyro_vi_ext.infer._validation import ModelGuideMismatchError
+
+
+class SmallVAE:
+    """A 6-4-2 VAE with ``pyro.module`` networks (Normal code, Bernoulli likelihood)."""
+
+    def __init__(self, seed: int = 0):
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.decoder = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 6))
+
+    def model(self, x):
+        """Prior N(0, I) and Bernoulli decoder."""
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), x.new_ones(2)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        """Amortized factorized Normal."""
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            out = self.encoder(x)
+            loc, scale = out[:, :2], nn.functional.softplus(out[:, 2:]) + 1e-3
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def parameters(self):
+        """Return the networks' parameters."""
+        return [*self.encoder.parameters(), *self.decoder.parameters()]
+
+
+def _data(num: int = 8, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(num, 6, generator=generator) < 0.4).float()
+
+
+def _runs(make_loss, vae: SmallVAE, batches, seeds=(0, 1, 2)):
+    """Value, gradients and terms of each call, on fixed seeds."""
+    loss = make_loss()
+    out = []
+    for seed, x in zip(seeds, batches, strict=True):
+        torch.manual_seed(seed)
+        value = loss.differentiable_loss(vae.model, vae.guide, x)
+        grads = torch.autograd.grad(value, vae.parameters())
+        out.append((value.detach(), grads, dict(loss.last_terms)))
+    return loss, out
+
+
+def _assert_same(eager, compiled):
+    for (v1, g1, t1), (v2, g2, t2) in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g1, g2, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert t1.keys() == t2.keys()
+        for name in t1:
+            assert t2[name] == pytest.approx(t1[name], rel=1e-5, abs=1e-5), name
+
+
+LOSSES = {
+    **{
+        f"iw-{estimator}-K{k}": (
+            lambda estimator=estimator, k=k, **kw: ImportanceWeightedELBO(
+                num_particles=k, estimator=estimator, max_plate_nesting=1, **kw
+            )
+        )
+        for estimator in ("iwae", "stl", "dreg")
+        for k in (1, 3)
+    },
+    "miwae-dreg": lambda **kw: ImportanceWeightedELBO(
+        num_particles=3, num_outer=2, estimator="dreg", max_plate_nesting=1, **kw
+    ),
+    "ciwae-stl": lambda **kw: ImportanceWeightedELBO(
+        num_particles=3,
+        variant="ciwae",
+        ciwae_beta=0.3,
+        estimator="stl",
+        max_plate_nesting=1,
+        **kw,
+    ),
+    "renyi-dreg": lambda **kw: RenyiAlphaELBO(
+        num_particles=3, alpha=0.5, estimator="dreg", max_plate_nesting=1, **kw
+    ),
+    "closed-form-kl": lambda **kw: ClosedFormELBO(form="kl", max_plate_nesting=1, **kw),
+    "closed-form-entropy-K2": lambda **kw: ClosedFormELBO(
+        form="entropy", num_particles=2, max_plate_nesting=1, **kw
+    ),
+    "decomposed-mss": lambda **kw: DecomposedELBO(
+        beta=4.0, aggregate="mss", dataset_size=100, max_plate_nesting=1, **kw
+    ),
+    "decomposed-mws-K2": lambda **kw: DecomposedELBO(
+        alpha=0.5,
+        gamma=2.0,
+        aggregate="mws",
+        num_particles=2,
+        dataset_size=100,
+        max_plate_nesting=1,
+        **kw,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_compiled_matches_eager(name):
+    """Compiled equals eager on the call that traces and on two replays."""
+    make = LOSSES[name]
+    batches = [_data(seed=1), _data(seed=2), _data(seed=3)]
+    pyro.clear_param_store()
+    _, eager = _runs(make, SmallVAE(), batches)
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback for these
+        loss, compiled = _runs(lambda: make(jit=True), SmallVAE(), batches)
+    _assert_same(eager, compiled)
+    assert loss._compiled.compile_count == 1  # traced once, replayed twice
+    assert not loss._compiled.eager
+
+
+def test_compiled_loss_and_grads_through_svi_match_eager():
+    """SVI sees the parameters of a replayed graph and trains the same as eager."""
+    x = _data()
+    results = {}
+    for jit in (False, True):
+        pyro.clear_param_store()
+        vae = SmallVAE()
+        loss = ImportanceWeightedELBO(
+            num_particles=4, estimator="dreg", max_plate_nesting=1, jit=jit
+        )
+        svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+        torch.manual_seed(0)
+        values = [svi.step(x) for _ in range(4)]
+        results[jit] = (values, [p.detach().clone() for p in vae.parameters()])
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for a, b in zip(results[False][1], results[True][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_new_shapes_recompile_and_stay_exact():
+    """A new batch size traces anew; the values stay those of the eager path."""
+    batches = [_data(8, seed=1), _data(5, seed=2), _data(8, seed=3)]
+    make = LOSSES["iw-dreg-K3"]
+    pyro.clear_param_store()
+    _, eager = _runs(make, SmallVAE(), batches)
+    pyro.clear_param_store()
+    loss, compiled = _runs(lambda: make(jit=True), SmallVAE(), batches)
+    _assert_same(eager, compiled)
+    assert loss._compiled.compile_count == 2  # batch 8, batch 5; the third call replays
+
+
+def test_no_grad_loss_uses_its_own_trace():
+    """``loss`` (no gradient) is traced separately and matches eager."""
+    pyro.clear_param_store()
+    vae, x = SmallVAE(), _data()
+    eager = ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1)
+    compiled = ImportanceWeightedELBO(num_particles=3, max_plate_nesting=1, jit=True)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = eager.loss(vae.model, vae.guide, x)
+        torch.manual_seed(seed)
+        assert compiled.loss(vae.model, vae.guide, x) == pytest.approx(expected, rel=1e-6)
+    assert compiled._compiled.compile_count == 1
+
+
+def test_untraceable_model_falls_back_with_one_warning():
+    """A closure parameter cannot be traced: eager fallback, warned once."""
+    # a parameter captured by closure, not through pyro.param / pyro.module: eager autograd
+    # reaches it, torch.jit.trace cannot make it an input
+    weight = torch.tensor(0.5, requires_grad=True)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(weight * z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(weight * x, 1.0))
+
+    x = torch.randn(6)
+    pyro.clear_param_store()
+    eager = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1)
+    compiled = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit=True)
+    with pytest.warns(UserWarning, match=r"jit=True\) runs this model and guide eagerly"):
+        torch.manual_seed(0)
+        got = compiled.differentiable_loss(model, guide, x)
+    (got_grad,) = torch.autograd.grad(got, weight)
+    torch.manual_seed(0)
+    expected = eager.differentiable_loss(model, guide, x)
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the signature now stays eager silently
+        compiled.differentiable_loss(model, guide, x)
+    assert compiled._compiled.compile_count == 0 and len(compiled._compiled.eager) == 1
+
+
+def test_compiled_keeps_the_eager_error_of_a_broken_model():
+    """A model error is raised as on the eager path, not hidden by the fallback."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(x.shape[0]))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit=True)
+    with pytest.raises(ModelGuideMismatchError, match="'w'"):
+        loss.differentiable_loss(model, guide, torch.randn(4))
+
+
+# -- eager fast paths ----------------------------------------------------------------------------
+def _hierarchical(dependent: bool):
+    """Guide with two latents; ``dependent``: the second's loc depends on the first latent."""
+
+    def model(x):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            b = pyro.sample("b", dist.Normal(a, 1.0))
+            pyro.sample("x", dist.Normal(b, 1.0), obs=x)
+
+    def guide(x):
+        loc_a = pyro.param("loc_a", torch.tensor(0.3))
+        loc_b = pyro.param("loc_b", torch.zeros(x.shape[0]) + 0.1)
+        scale = pyro.param("scale", torch.tensor(0.8), constraint=dist.constraints.positive)
+        a = pyro.sample("a", dist.Normal(loc_a, scale))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Normal(loc_b + (a if dependent else 0.0), scale))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("dependent", [False, True])
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_detached_log_q_from_distributions_equals_the_replay(dependent, estimator):
+    """The rebuilt detached log q equals the detached replay (value, gradients)."""
+    model, guide = _hierarchical(dependent)
+    x = torch.randn(5)
+    out = {}
+    for fast in (False, True):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide(x)  # create the params
+        params = [pyro.param(n).unconstrained() for n in ("loc_a", "loc_b", "scale")]
+        loss = ImportanceWeightedELBO(num_particles=4, estimator=estimator, max_plate_nesting=1)
+        original = _weights.detached_guide_from_distributions
+        if not fast:
+            _weights.detached_guide_from_distributions = lambda *a, **k: None  # force the replay
+        try:
+            torch.manual_seed(1)
+            value = loss.differentiable_loss(model, guide, x)
+        finally:
+            _weights.detached_guide_from_distributions = original
+        out[fast] = (value.detach(), torch.autograd.grad(value, params))
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[False][1], out[True][1], strict=True):
+        torch.testing.assert_close(b, a)
+    cache = loss.structure_cache()
+    (independence,) = [v for k, v in cache.items() if k[0] == "detach"]
+    assert list(independence.values()) == [not dependent]
+
+
+def test_structure_checks_rerun_for_a_new_structure():
+    """Cached checks are keyed on the structure: a new structure is checked."""
+
+    def model(x, extra):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+            if extra:
+                pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    def guide(x, extra):
+        loc = pyro.param("loc", torch.zeros(x.shape[0]))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1)
+    x = torch.randn(4)
+    loss.differentiable_loss(model, guide, x, False)
+    loss.differentiable_loss(model, guide, x, False)  # cached structure
+    with pytest.raises(ModelGuideMismatchError, match="'w'"):
+        loss.differentiable_loss(model, guide, x, True)  # new structure: checked again
+
+
+def test_piwae_runs_eagerly_and_says_why():
+    """PIWAE is not traced and the warning says why."""
+    batches = [_data(seed=1), _data(seed=2)]
+
+    def make(**kw):
+        return ImportanceWeightedELBO(
+            num_particles=3, num_outer=2, variant="piwae", max_plate_nesting=1, **kw
+        )
+
+    pyro.clear_param_store()
+    _, eager = _runs(make, SmallVAE(), batches, seeds=(0, 1))
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match="piwae.*torch.autograd.grad"):
+        loss, compiled = _runs(lambda: make(jit=True), SmallVAE(), batches, seeds=(0, 1))
+    _assert_same(eager, compiled)
+    assert loss._compiled.compile_count == 0
+
+
+def test_second_model_with_the_same_module_names_compiles():
+    """Module names shared with another model do not prevent tracing."""
+    # pyro.module("encoder", ...) of a second VAE finds the first one's tensors in the store; the
+    # second VAE's networks still use their own parameters, which the trace must take as inputs
+    pyro.clear_param_store()
+    first, second = SmallVAE(seed=0), SmallVAE(seed=1)
+    batches = [_data(seed=1), _data(seed=2)]
+    make = LOSSES["iw-dreg-K3"]
+    _runs(lambda: make(jit=True), first, batches, seeds=(0, 1))
+    _, eager = _runs(make, second, batches, seeds=(0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, compiled = _runs(lambda: make(jit=True), second, batches, seeds=(0, 1))
+    _assert_same(eager, compiled)
+    assert loss._compiled.compile_count == 1
