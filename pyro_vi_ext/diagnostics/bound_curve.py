@@ -84,6 +84,10 @@ def bound_curve_from_log_weights(
     -------
     BoundCurve
 
+    References
+    ----------
+    .. [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+
     Examples
     --------
     >>> import numpy as np
@@ -166,6 +170,10 @@ def iw_bound_curve(
     Returns
     -------
     BoundCurve
+
+    References
+    ----------
+    .. [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
 
     Examples
     --------

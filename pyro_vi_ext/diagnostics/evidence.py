@@ -141,6 +141,10 @@ def log_evidence(
     -------
     EvidenceResult
 
+    References
+    ----------
+    .. [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+
     Examples
     --------
     ::

@@ -63,6 +63,11 @@ def plot_inference_gaps(gaps: InferenceGaps, kind: str = "bars", ax=None, max_po
     -------
     matplotlib.axes.Axes
 
+    References
+    ----------
+    .. [1] C. Cremer, X. Li, D. Duvenaud, "Inference Suboptimality in Variational Autoencoders",
+       ICML 2018.
+
     Examples
     --------
     ::

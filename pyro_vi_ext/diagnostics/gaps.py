@@ -446,6 +446,10 @@ class _Adam:
     bias corrections :math:`\hat m = m / (1 - \beta_1^t)`, :math:`\hat v = v / (1 - \beta_2^t)`.
     (Written out because constructing ``torch.optim.Adam`` imports ``torch._dynamo``, seconds of
     start-up for a few hundred steps on small tensors.)
+
+    References
+    ----------
+    .. [3] D. P. Kingma, J. Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     """
 
     def __init__(self, parameters: list[torch.Tensor], learning_rate: float):
@@ -480,6 +484,10 @@ def _fit(call: _Call, families: dict[str, _SiteFamily], settings: _FitSettings):
     plateau, met by dividing the learning rate by 10, and after ``num_rate_drops`` drops the next
     plateau ends the fit as converged. Points are independent and Adam acts per coordinate, so the
     joint fit of a chunk is the per-point fit of each of its points.
+
+    References
+    ----------
+    .. [3] D. P. Kingma, J. Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
     """
     guide = _SubstituteGuideSites(families)(call.guide)
     parameters = [p for family in families.values() for p in family.parameters]
@@ -619,6 +627,12 @@ def inference_gaps(
     Returns
     -------
     InferenceGaps
+
+    References
+    ----------
+    .. [1] C. Cremer, X. Li, D. Duvenaud, "Inference Suboptimality in Variational Autoencoders",
+       ICML 2018.
+    .. [2] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
 
     Examples
     --------

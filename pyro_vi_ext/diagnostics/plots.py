@@ -49,6 +49,11 @@ def plot_khat(result: PSISResult, ax=None, kind: str = "scatter"):
     -------
     matplotlib.axes.Axes
 
+    References
+    ----------
+    .. [1] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational
+       Inference", ICML 2018.
+
     Examples
     --------
     ::
@@ -170,6 +175,10 @@ def plot_bound_vs_k(
     Returns
     -------
     matplotlib.axes.Axes
+
+    References
+    ----------
+    .. [2] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
 
     Examples
     --------

@@ -48,6 +48,11 @@ def khat_threshold(num_samples: int) -> float:
     float
         The threshold [2]_ (``-inf`` for ``S <= 10``, where no k-hat is reliable).
 
+    References
+    ----------
+    .. [2] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance
+       Sampling", JMLR 25(72), 2024 (arXiv:1507.02646, 2015).
+
     Examples
     --------
     >>> round(khat_threshold(1000), 3)
@@ -168,6 +173,11 @@ def psis_from_log_weights(
     the weakly informative prior of Vehtari et al. [2]_. ArviZ reports ``inf`` when fewer than five
     draws lie above the tail cutoff (for example, exactly constant weights).
 
+    References
+    ----------
+    .. [2] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance
+       Sampling", JMLR 25(72), 2024 (arXiv:1507.02646, 2015).
+
     Examples
     --------
     >>> import numpy as np
@@ -249,6 +259,13 @@ def psis_diagnostic(
     -------
     PSISResult
         ``khat``, ``ess``, ``psis_ess`` per point (or whole trace) and the raw log weights.
+
+    References
+    ----------
+    .. [1] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational
+       Inference", ICML 2018.
+    .. [2] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance
+       Sampling", JMLR 25(72), 2024 (arXiv:1507.02646, 2015).
 
     Examples
     --------

@@ -111,6 +111,12 @@ def importance_resample(
     -------
     ResampledPosterior
 
+    References
+    ----------
+    .. [1] J. Domke, D. Sheldon, "Importance Weighting and Variational Inference", NeurIPS 2018.
+    .. [2] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance
+       Sampling", JMLR 25(72), 2024 (arXiv:1507.02646, 2015).
+
     Examples
     --------
     ::

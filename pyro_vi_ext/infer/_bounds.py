@@ -98,6 +98,11 @@ def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``[M, P]``.
 
+    References
+    ----------
+    .. [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+    .. [4] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
+
     Examples
     --------
     >>> round(float(iwae_bound(torch.tensor([[[0.0], [math.log(3.0)]]])).squeeze()), 6)
@@ -118,6 +123,10 @@ def miwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``[P]``.
+
+    References
+    ----------
+    .. [4] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
 
     Examples
     --------
@@ -143,6 +152,10 @@ def ciwae_bound(log_weights: torch.Tensor, beta: float) -> torch.Tensor:
     -------
     torch.Tensor
         ``[M, P]``.
+
+    References
+    ----------
+    .. [4] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
 
     Examples
     --------
@@ -174,6 +187,10 @@ def renyi_bound(log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
     -------
     torch.Tensor
         ``[M, P]``.
+
+    References
+    ----------
+    .. [2] Y. Li, R. E. Turner, "Renyi Divergence Variational Inference", NeurIPS 2016.
 
     Examples
     --------

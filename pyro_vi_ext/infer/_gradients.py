@@ -121,6 +121,12 @@ def leave_one_out_signals(
     -------
     torch.Tensor
         ``[M, K, P, E]`` detached signals.
+
+    References
+    ----------
+    .. [3] A. Mnih, D. Rezende, "Variational Inference for Monte Carlo Objectives", ICML 2016.
+    .. [5] J. Schulman, N. Heess, T. Weber, P. Abbeel, "Gradient Estimation Using Stochastic
+       Computation Graphs", NeurIPS 2015.
     """
     log_weights = log_weights.detach()
     if site_log_weights is None:
@@ -188,6 +194,11 @@ class DregAliases:
     ``path_weights / particle_weights`` of the bound, leaving :math:`\sum_k (\partial_k f -
     \partial_k^2 f)\,\partial_{z_k} \log w_k\, \nabla_\phi z_k` for the guide [2]_. Model
     parameters do not pass through the aliases and keep the plain gradient.
+
+    References
+    ----------
+    .. [2] G. Tucker, D. Lawson, S. Gu, C. Maddison, "Doubly Reparameterized Gradient Estimators for
+       Monte Carlo Objectives", ICLR 2019.
 
     Examples
     --------
@@ -356,6 +367,10 @@ def split_surrogate(
     -------
     torch.Tensor
         Scalar surrogate.
+
+    References
+    ----------
+    .. [4] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
     """
     surrogate = torch.zeros((), device=model_objective.device)
     for objective, params in ((model_objective, model_params), (guide_objective, guide_params)):

@@ -102,6 +102,14 @@ class ClosedFormELBO(ParticleELBO):
         the eager path on the same draws, eager fallback with a warning when tracing fails.
         See :mod:`pyro_vi_ext.infer._compiled`.
 
+    References
+    ----------
+    .. [1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (the "SGVB with
+       analytic KL" estimator, their eq. 10).
+    .. [2] G. Roeder, Y. Wu, D. Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
+       Estimators for Variational Inference", NeurIPS 2017 (why the closed-form entropy can *raise*
+       the variance near the optimum).
+
     Examples
     --------
     ::
