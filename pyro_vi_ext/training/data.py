@@ -7,7 +7,6 @@ one, and every process of a data-parallel run computes the same order without co
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -104,7 +103,7 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     int
         ``n // batch_size`` when dropping, else ``ceil(n / batch_size)``.
     """
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
+    return n // batch_size if drop_last else -(-n // batch_size)  # ceiling division
 
 
 def shard_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
