@@ -221,6 +221,8 @@ class TrainingSession:
             yield batch.args, dict(batch.kwargs)
         if not self.data_plate_checked:
             scaling.check_found()
+            if batch.idx.shape[0] < full_size:
+                _check_no_autoguide_over_rows(self.config.guide, plate)
             self.data_plate_checked = True
 
     def check_consistent(self, what: str, obj: Any) -> None:
@@ -774,3 +776,30 @@ def run_training(config: FitConfig, data: Any, eval_data: Any) -> FitResult:
         elapsed=time.perf_counter() - started,
         resumed_from=status.resumed_from,
     )
+
+
+def _check_no_autoguide_over_rows(guide: Any, plate: str) -> None:
+    """Refuse an autoguide over per-row latents of the ``data_plate`` (it would be silently wrong).
+
+    An autoguide sizes its parameters for those latents on its first call, which under
+    ``data_plate`` sees a minibatch of ``B`` rows: all ``N`` rows would then share ``B`` rows of
+    guide parameters.
+    """
+    trace = getattr(guide, "prototype_trace", None)  # set by an AutoGuide's first call
+    if trace is None:
+        return
+    local = sorted(
+        name
+        for name, site in trace.iter_stochastic_nodes()
+        if not site["infer"].get("enumerate")
+        and any(frame.name == plate for frame in site["cond_indep_stack"])
+    )
+    if local:
+        names = ", ".join(repr(name) for name in local)
+        raise ValueError(
+            f"`data_plate={plate!r}` with {type(guide).__name__}: the latent site(s) {names} "
+            f"have one value per row of plate {plate!r}, and the autoguide would size their "
+            "parameters by the first minibatch (all rows sharing those of one batch). Use an "
+            "amortized guide (an encoder), or the idx/n_data minibatch convention with a plate "
+            "of the full size (e.g. AutoNormal(model, create_plates=...)), or full-batch training."
+        )

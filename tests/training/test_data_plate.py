@@ -222,3 +222,42 @@ def test_data_plate_mistakes_name_the_plate(model, plate, fragment):
     with pytest.raises(ValueError, match=fragment):
         fit(model, guide, (x, y), Trace_ELBO(), pyro.optim.Adam({"lr": 0.05}), num_steps=2,
             batch_size=8, data_plate=plate, progress=False)  # fmt: skip
+
+
+def test_autoguide_over_per_row_latents_is_refused_under_minibatches():
+    """An autoguide sized by the first minibatch would share B rows of parameters among N rows."""
+    from pyro.infer.autoguide import AutoNormal
+
+    y = torch.randn(50) * 3
+
+    def model(y):
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Normal(0.0, 3.0))
+            pyro.sample("obs", dist.Normal(z, 0.1), obs=y)
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"AutoNormal: the latent site\(s\) 'z' have one value"):
+        fit(
+            model,
+            AutoNormal(model),
+            (y,),
+            Trace_ELBO(),
+            pyro.optim.Adam({"lr": 0.05}),
+            data_plate="data",
+            batch_size=10,
+            num_steps=3,
+            progress=False,
+        )
+    # full-batch training sizes the parameters for every row: fine
+    pyro.clear_param_store()
+    result = fit(
+        model,
+        AutoNormal(model),
+        (y,),
+        Trace_ELBO(),
+        pyro.optim.Adam({"lr": 0.05}),
+        data_plate="data",
+        num_steps=3,
+        progress=False,
+    )
+    assert result.params["AutoNormal.locs.z"].shape == (50,)
