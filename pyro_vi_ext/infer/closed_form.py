@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import pyro.distributions as dist
 import torch
-from torch.distributions import kl_divergence
+from torch.distributions import constraints, kl_divergence
 
 from pyro_vi_ext.infer._loss_base import ParticleELBO
 from pyro_vi_ext.infer._weights import (
@@ -166,6 +167,11 @@ class ClosedFormELBO(ParticleELBO):
 
 
 def _entropy(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
+    if isinstance(site["fn"], dist.Delta):
+        # An autoguide's Delta pushes an auxiliary latent through a bijection; its log_density
+        # is log|det d(aux)/d(site)|, so H[site] = H[aux] - E[log_density]: Monte Carlo here,
+        # zero for the identity transform of a real-support site.
+        return -site["fn"].log_prob(site["value"])
     try:
         return site["fn"].entropy()
     except NotImplementedError:
@@ -176,10 +182,44 @@ def _entropy(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
         ) from None
 
 
+def _is_real_support(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _kl_guide_distribution(name: str, site: dict, weights: ParticleWeights):
+    """Return the distribution of a user's guide site, seen through an autoguide's Delta."""
+    if not isinstance(site["fn"], dist.Delta):
+        return site["fn"]
+    prior = weights.model_trace.nodes[name]["fn"]
+    auxiliary = weights.guide_trace.nodes.get(f"{name}_unconstrained")
+    if (
+        auxiliary is None
+        or auxiliary["type"] != "sample"
+        or not auxiliary["infer"].get("is_auxiliary")
+        or auxiliary["value"].shape != site["value"].shape
+    ):
+        raise ValueError(
+            f"Guide site '{name}' is a Delta whose distribution comes from a joint auxiliary "
+            "latent (e.g. AutoDiagonalNormal, AutoMultivariateNormal) or has no density "
+            "(AutoDelta): its KL to the prior has no closed form. Use "
+            "ClosedFormELBO(form='entropy'), an AutoNormal guide, or Trace_ELBO."
+        )
+    if not _is_real_support(prior.support):
+        raise ValueError(
+            f"Guide site '{name}' is an autoguide Delta over '{name}_unconstrained' through a "
+            f"non-identity transform (prior support {prior.support}); the KL of the transformed "
+            "distribution to the prior has no closed form. Use ClosedFormELBO(form='entropy') "
+            "or Trace_ELBO."
+        )
+    return auxiliary["fn"]  # identity transform: the site has the auxiliary's distribution
+
+
 def _kl_to_prior(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
     prior = weights.model_trace.nodes[name]["fn"]
     try:
-        return kl_divergence(site["fn"], prior)
+        return kl_divergence(_kl_guide_distribution(name, site, weights), prior)
     except NotImplementedError:
         raise ValueError(
             f"Latent site '{name}': no closed-form KL(q || p) is registered for guide "
@@ -232,6 +272,8 @@ def _closed_form_terms(
     """``[P]`` sum over guide sites of a closed-form term, averaged over particles."""
     total = torch.zeros(weights.num_points, dtype=weights.log_p.dtype, device=weights.log_p.device)
     for name, site in latent_sites(weights.guide_trace):
+        if closed_form is _kl_to_prior and site["infer"].get("is_auxiliary"):
+            continue  # not a model latent: its KL is counted at the user site it stands for
         term = _scaled(_masked(closed_form(name, site, weights), site), site, per_site_scale)
         total = total + _to_points(term, weights).mean(0)
     return total
