@@ -121,3 +121,63 @@ def test_closed_form_with_auto_diagonal_normal():
         pyro.set_rng_seed(3)
         values[name] = loss_fn.loss(_regression_model, guide, x, y)
     assert values["closed"] == pytest.approx(values["trace"], abs=1.0)
+
+
+SUBSAMPLE_DATA = torch.randn(100, generator=torch.Generator().manual_seed(4)) + 1.0
+
+
+def _subsampled_model(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", 100, subsample_size=10) as index:
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=data[index])
+
+
+def _subsampled_guide(data):
+    pyro.sample("mu", dist.Normal(pyro.param("loc", torch.tensor(0.5)), 0.3))
+
+
+def test_closed_form_one_particle_allows_global_latent_under_subsampling():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    loss = ClosedFormELBO(form="kl", max_plate_nesting=1).differentiable_loss(
+        _subsampled_model, _subsampled_guide, SUBSAMPLE_DATA
+    )
+    loss.backward()
+    closed_grad = float(pyro.param("loc").unconstrained().grad)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)  # the same random numbers, by hand: guide, then the model's subsample
+    guide_trace = pyro.poutine.trace(_subsampled_guide).get_trace(SUBSAMPLE_DATA)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(_subsampled_model, guide_trace)).get_trace(
+        SUBSAMPLE_DATA
+    )
+    mu = guide_trace.nodes["mu"]["value"]
+    index = model_trace.nodes["data"]["value"]
+    loc = pyro.param("loc").unconstrained()
+    kl = torch.log(torch.tensor(10.0 / 0.3)) + (0.3**2 + loc**2) / (2 * 100.0) - 0.5
+    expected = -(10.0 * dist.Normal(mu, 1.0).log_prob(SUBSAMPLE_DATA[index]).sum() - kl)
+    expected.backward()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert closed_grad == pytest.approx(float(loc.grad), rel=1e-5)
+
+
+def test_closed_form_sequential_particles_match_hand_written_loop():
+    x, y = _regression_data()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(6)
+    loss_fn = ClosedFormELBO(
+        form="kl", num_particles=3, max_plate_nesting=1, vectorize_particles=False
+    )
+    loss = loss_fn.loss(_regression_model, _auto_normal(), x, y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(6)
+    guide = _auto_normal()
+    log_liks = []
+    for _ in range(3):
+        guide_trace = pyro.poutine.trace(guide).get_trace(x, y)
+        w = guide_trace.nodes["w"]["value"].detach()
+        log_liks.append(float(dist.Normal(w * x, NOISE_SD).log_prob(y).sum()))
+    s = GUIDE_SCALE
+    kl = math.log(1 / s) + (s**2 + GUIDE_LOC**2) / 2 - 0.5
+    assert loss == pytest.approx(-(sum(log_liks) / 3 - kl), rel=1e-5)
