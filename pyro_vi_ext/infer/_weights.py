@@ -271,12 +271,23 @@ def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: d
     -------
     int
         The deepest vectorized plate dim used by any sample site, as a positive number.
+
+    Notes
+    -----
+    The run leaves seeded results unchanged: it draws from a fork of torch's random state and
+    removes the param-store entries it created, so the first real step initializes them from the
+    same random numbers as ``Trace_ELBO`` would.
     """
-    with poutine.block():
+    store = pyro.get_param_store()
+    existing = set(store.keys())
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with poutine.block(), torch.random.fork_rng(devices=cuda_devices):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    for name in set(store.keys()) - existing:
+        del store[name]
     dims = [
         frame.dim
         for trace in (model_trace, guide_trace)
