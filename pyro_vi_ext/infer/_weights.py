@@ -193,6 +193,28 @@ class ParticleWeights:
         """Number of data points the estimate stands for (full sizes of the point plates)."""
         return float(math.prod(p.full_size for p in self.point_plates))
 
+    @property
+    def points_represented(self) -> float:
+        """Number of data points a whole-dataset estimate stands for, to report it per point.
+
+        :attr:`data_size` when there are point plates; otherwise (latents outside the data plate,
+        one point for the whole trace) the product of the full sizes of the vectorized plates
+        that hold every observed site (1 without such a plate).
+        """
+        if self.point_plates:
+            return self.data_size
+        shared: set[tuple[str, int]] | None = None
+        for _, site in sample_sites(self.model_trace):
+            if not site["is_observed"]:
+                continue
+            plates = {
+                (frame.name, int(frame.full_size if frame.full_size is not None else frame.size))
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized and frame.name != PARTICLE_PLATE
+            }
+            shared = plates if shared is None else shared & plates
+        return float(math.prod(size for _, size in shared or ()))
+
     def per_point_to_site(self, per_point: torch.Tensor, site: dict) -> torch.Tensor:
         """Reshape an ``[S, P]`` tensor so that it broadcasts against a vectorized site's value.
 

@@ -177,9 +177,9 @@ class ClosedFormELBO(ParticleELBO):
             per_point = monte_carlo.mean(0) - closed
         elbo = weights.scale * per_point.sum()
         with torch.no_grad():
-            per_datum = weights.scale / weights.data_size
+            per_datum = weights.scale / weights.points_represented
             self.last_terms = {
-                "elbo": float(elbo) / weights.data_size,
+                "elbo": float(elbo) / weights.points_represented,
                 self.form: float(closed.sum()) * per_datum,
             }
         return -elbo

@@ -211,3 +211,36 @@ def test_plate_nesting_guess_leaves_seeded_results_unchanged(loss_class):
             first = first + float(w_dist.entropy() + w_dist.log_prob(w))
         assert float(pyro.param("guide_loc").detach()) == reference_loc
         assert first == pytest.approx(reference, rel=1e-5)
+
+
+def _global_weights_model(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+
+def _global_weights_guide(x, y=None):
+    pyro.sample("w", dist.Normal(pyro.param("l", torch.zeros(3)), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize(
+    ("loss_class", "kwargs", "term"),
+    [
+        ("ImportanceWeightedELBO", {"num_particles": 10}, "iw_bound"),
+        ("RenyiAlphaELBO", {"num_particles": 5, "alpha": 0.5}, "renyi_bound"),
+        ("ClosedFormELBO", {}, "elbo"),
+        ("ClosedFormELBO", {"num_particles": 4}, "elbo"),
+    ],
+)
+def test_reported_terms_are_per_data_point_with_global_latents(loss_class, kwargs, term):
+    import pyro_vi_ext
+
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(60, 3, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(60, generator=generator)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    loss_fn = getattr(pyro_vi_ext, loss_class)(max_plate_nesting=1, **kwargs)
+    loss = loss_fn.loss(_global_weights_model, _global_weights_guide, x, y)
+    assert loss_fn.last_terms[term] == pytest.approx(-loss / 60, rel=1e-5)
+    assert abs(loss_fn.last_terms["elbo"]) < abs(loss) / 5  # per point, not the total
