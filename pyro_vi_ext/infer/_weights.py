@@ -279,6 +279,31 @@ class ParticleVectorizationError(RuntimeError, ValueError):
     """
 
 
+@contextlib.contextmanager
+def _side_effect_free() -> Iterator[None]:
+    """Hide a run from outer handlers, fork torch's RNG and drop the param-store entries it adds."""
+    store = pyro.get_param_store()
+    existing = set(store.keys())
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with poutine.block(), torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for name in set(store.keys()) - existing:
+            del store[name]
+
+
+def _one_sequential_particle_runs(model: Callable, guide: Callable, args, kwargs) -> bool:
+    """Return whether guide and model run once without a particle plate (no side effects)."""
+    try:
+        with _side_effect_free():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure means the error is not the particle plate's
+        return False
+    return True
+
+
 def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Run model and guide once (hidden from outer handlers) and return their plate nesting.
 
@@ -300,16 +325,11 @@ def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: d
     removes the param-store entries it created, so the first real step initializes them from the
     same random numbers as ``Trace_ELBO`` would.
     """
-    store = pyro.get_param_store()
-    existing = set(store.keys())
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with poutine.block(), torch.random.fork_rng(devices=cuda_devices):
+    with _side_effect_free():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-    for name in set(store.keys()) - existing:
-        del store[name]
     dims = [
         frame.dim
         for trace in (model_trace, guide_trace)
@@ -939,19 +959,28 @@ def _run_once(
     model_replay: poutine.Trace | None,
     latent_hook: Callable[[str, torch.Tensor], torch.Tensor] | None,
     vectorized: tuple[int, int] | None,
+    runs_sequentially: Callable[[], bool] | None = None,
 ) -> tuple[poutine.Trace, poutine.Trace, dict[str, torch.Tensor]]:
     """Trace the guide, then the model replayed on its values (full traces, subsample kept).
 
     ``vectorized`` is ``(num_particles, particle_dim)`` under a particle plate, else ``None``.
+    ``runs_sequentially()`` tells whether one particle runs without the plate: a failure that
+    Pyro or torch reports as a shape or index error of any plate is then the particle plate's.
     """
+
+    def caused_by_particle_plate(error: Exception) -> bool:
+        if _is_shape_error(error):
+            return True
+        return runs_sequentially is not None and runs_sequentially()
+
     enumerating_model = poutine.enum(model, first_available_dim=-(window + 1))
     guide_fn = guide if guide_replay is None else poutine.replay(guide, trace=guide_replay)
     tracker = _SiteTracker()
     try:
         with tracker:
             guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-    except (RuntimeError, ValueError) as error:
-        if vectorized is None or not _is_shape_error(error):
+    except (RuntimeError, ValueError, IndexError) as error:
+        if vectorized is None or not caused_by_particle_plate(error):
             raise
         raise _vectorization_error(error, "guide", tracker, *vectorized) from error
     aliases: dict[str, torch.Tensor] = {}
@@ -970,8 +999,8 @@ def _run_once(
             model_trace = poutine.trace(poutine.replay(enumerating_model, trace=source)).get_trace(
                 *args, **kwargs
             )
-    except (RuntimeError, ValueError) as error:
-        if vectorized is None or not _is_shape_error(error):
+    except (RuntimeError, ValueError, IndexError) as error:
+        if vectorized is None or not caused_by_particle_plate(error):
             raise
         raise _vectorization_error(error, "model", tracker, *vectorized) from error
     return model_trace, guide_trace, aliases
@@ -1065,6 +1094,7 @@ def trace_particles(
                 model_replay=None,
                 latent_hook=latent_hook,
                 vectorized=(num_particles, particle_dim),
+                runs_sequentially=lambda: _one_sequential_particle_runs(model, guide, args, kwargs),
             )
         )
     else:

@@ -244,3 +244,53 @@ def test_reported_terms_are_per_data_point_with_global_latents(loss_class, kwarg
     loss = loss_fn.loss(_global_weights_model, _global_weights_guide, x, y)
     assert loss_fn.last_terms[term] == pytest.approx(-loss / 60, rel=1e-5)
     assert abs(loss_fn.last_terms["elbo"]) < abs(loss) / 5  # per point, not the total
+
+
+def _indexing_model(data):
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    assignment = (data > 0).long()
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(locs[assignment], 1.0), obs=data)
+
+
+def _indexing_guide(data):
+    with pyro.plate("components", 2):
+        pyro.sample("locs", dist.Normal(pyro.param("locs_loc", torch.zeros(2)), 1.0))
+
+
+def _broken_model(data):
+    with pyro.plate("components", 2):
+        pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(torch.zeros(3), 1.0), obs=data)
+
+
+def test_plate_shape_error_of_a_broadcasting_failure_names_the_particle_plate():
+    from pyro_vi_ext import ImportanceWeightedELBO
+    from pyro_vi_ext.infer._weights import ParticleVectorizationError
+
+    data = torch.linspace(-2.0, 2.0, 10)
+    pyro.clear_param_store()
+    loss_fn = ImportanceWeightedELBO(num_particles=4, max_plate_nesting=1)
+    with pytest.raises(
+        ParticleVectorizationError, match=r"(?s)site obs.*vectorize_particles=False"
+    ):
+        loss_fn.loss(_indexing_model, _indexing_guide, data)
+    assert set(pyro.get_param_store().keys()) == {"locs_loc"}
+    sequential = ImportanceWeightedELBO(
+        num_particles=4, max_plate_nesting=1, vectorize_particles=False
+    )
+    assert math.isfinite(sequential.loss(_indexing_model, _indexing_guide, data))
+
+
+def test_shape_error_that_also_fails_without_particle_plate_is_not_blamed_on_it():
+    from pyro_vi_ext import ImportanceWeightedELBO
+    from pyro_vi_ext.infer._weights import ParticleVectorizationError
+
+    data = torch.linspace(-2.0, 2.0, 10)
+    pyro.clear_param_store()
+    loss_fn = ImportanceWeightedELBO(num_particles=4, max_plate_nesting=1)
+    with pytest.raises(ValueError) as raised:
+        loss_fn.loss(_broken_model, _indexing_guide, data)
+    assert not isinstance(raised.value, ParticleVectorizationError)
