@@ -294,3 +294,51 @@ def test_shape_error_that_also_fails_without_particle_plate_is_not_blamed_on_it(
     with pytest.raises(ValueError) as raised:
         loss_fn.loss(_broken_model, _indexing_guide, data)
     assert not isinstance(raised.value, ParticleVectorizationError)
+
+
+def _tiny_fit(tmp_path, **kwargs):
+    from pyro_vi_ext import fit
+
+    data = torch.randn(8, generator=torch.Generator().manual_seed(8))
+
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    pyro.clear_param_store()
+    return fit(
+        model,
+        AutoNormal(model),
+        (data,),
+        Trace_ELBO(),
+        pyro.optim.Adam({"lr": 0.01}),
+        data_plate="data",
+        num_steps=2,
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_checkpoint_arguments_of_the_wrong_type_are_named(tmp_path):
+    from pyro_vi_ext.training.checkpoint import load_checkpoint
+
+    with pytest.raises(TypeError, match=r"`checkpoint` must be a file path.*int 123"):
+        _tiny_fit(tmp_path, checkpoint=123)
+    with pytest.raises(TypeError, match=r"`path` must be a file path.*int 5"):
+        load_checkpoint(5)
+
+
+def test_fit_refuses_to_overwrite_a_file_that_is_not_a_checkpoint(tmp_path):
+    from pyro_vi_ext.training.checkpoint import CheckpointError, load_checkpoint
+
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my results\n")
+    with pytest.raises(CheckpointError, match=r"notes\.txt.*not a valid pyro_vi_ext checkpoint"):
+        _tiny_fit(tmp_path, checkpoint=foreign, resume=False)
+    assert foreign.read_text() == "my results\n"
+    # a real checkpoint may be overwritten by a fresh run, as before
+    path = tmp_path / "run.pt"
+    _tiny_fit(tmp_path, checkpoint=path)
+    _tiny_fit(tmp_path, checkpoint=path, resume=False)
+    assert load_checkpoint(path)["step"] == 2
