@@ -243,12 +243,6 @@ def test_gmm_tutorial_in_fit_on_minibatches():
     assert idata.log_likelihood["obs"].shape == (1, 30, len(GMM_DATA))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="infer/ bug: under the vectorized particle plate, Pyro's GMM tutorial (locs[assignment]"
-    " on a batched locs) raises Pyro's raw \"Shape mismatch inside plate('data')\" ValueError,"
-    " not a ParticleVectorizationError suggesting vectorize_particles=False",
-)
 def test_vectorized_gmm_tutorial_raises_the_vectorization_error_in_trace_particles():
     """Report: trace_particles should say the model does not broadcast (it blames nothing)."""
     pyro.clear_param_store()
@@ -258,12 +252,6 @@ def test_vectorized_gmm_tutorial_raises_the_vectorization_error_in_trace_particl
         trace_particles(gmm_model, guide, (GMM_DATA,), {}, num_particles=4, plate_nesting=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="infer/ bug: ImportanceWeightedELBO(num_particles=4) on Pyro's GMM tutorial raises a"
-    " ModelGuideMismatchError telling the user to fix event dims (.to_event) instead of a"
-    " ParticleVectorizationError suggesting vectorize_particles=False; the model is valid Pyro",
-)
 def test_vectorized_loss_on_the_gmm_tutorial_suggests_the_sequential_path():
     """Report: the vectorized loss should suggest vectorize_particles=False here."""
     pyro.clear_param_store()

@@ -348,10 +348,10 @@ class BoundELBO(ParticleELBO):
 
     def _record_terms(self, weights: ParticleWeights, log_weights, value) -> None:
         with torch.no_grad():
-            per_point = weights.scale / weights.data_size
+            per_point = weights.scale / weights.points_represented
             self._set_terms(
                 {
-                    self.bound_term: value / weights.data_size,
+                    self.bound_term: value / weights.points_represented,
                     "elbo": elbo_bound(log_weights).mean(0).sum() * per_point,
                     "ess": effective_sample_size(log_weights).mean(),
                 }

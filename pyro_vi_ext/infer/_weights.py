@@ -193,6 +193,28 @@ class ParticleWeights:
         """Number of data points the estimate stands for (full sizes of the point plates)."""
         return float(math.prod(p.full_size for p in self.point_plates))
 
+    @property
+    def points_represented(self) -> float:
+        """Number of data points a whole-dataset estimate stands for, to report it per point.
+
+        :attr:`data_size` when there are point plates; otherwise (latents outside the data plate,
+        one point for the whole trace) the product of the full sizes of the vectorized plates
+        that hold every observed site (1 without such a plate).
+        """
+        if self.point_plates:
+            return self.data_size
+        shared: set[tuple[str, int]] | None = None
+        for _, site in sample_sites(self.model_trace):
+            if not site["is_observed"]:
+                continue
+            plates = {
+                (frame.name, int(frame.full_size if frame.full_size is not None else frame.size))
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized and frame.name != PARTICLE_PLATE
+            }
+            shared = plates if shared is None else shared & plates
+        return float(math.prod(size for _, size in shared or ()))
+
     def per_point_to_site(self, per_point: torch.Tensor, site: dict) -> torch.Tensor:
         """Reshape an ``[S, P]`` tensor so that it broadcasts against a vectorized site's value.
 
@@ -257,6 +279,31 @@ class ParticleVectorizationError(RuntimeError, ValueError):
     """
 
 
+@contextlib.contextmanager
+def _side_effect_free() -> Iterator[None]:
+    """Hide a run from outer handlers, fork torch's RNG and drop the param-store entries it adds."""
+    store = pyro.get_param_store()
+    existing = set(store.keys())
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with poutine.block(), torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for name in set(store.keys()) - existing:
+            del store[name]
+
+
+def _one_sequential_particle_runs(model: Callable, guide: Callable, args, kwargs) -> bool:
+    """Return whether guide and model run once without a particle plate (no side effects)."""
+    try:
+        with _side_effect_free():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - any failure means the error is not the particle plate's
+        return False
+    return True
+
+
 def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Run model and guide once (hidden from outer handlers) and return their plate nesting.
 
@@ -271,8 +318,14 @@ def guess_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: d
     -------
     int
         The deepest vectorized plate dim used by any sample site, as a positive number.
+
+    Notes
+    -----
+    The run leaves seeded results unchanged: it draws from a fork of torch's random state and
+    removes the param-store entries it created, so the first real step initializes them from the
+    same random numbers as ``Trace_ELBO`` would.
     """
-    with poutine.block():
+    with _side_effect_free():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -906,19 +959,28 @@ def _run_once(
     model_replay: poutine.Trace | None,
     latent_hook: Callable[[str, torch.Tensor], torch.Tensor] | None,
     vectorized: tuple[int, int] | None,
+    runs_sequentially: Callable[[], bool] | None = None,
 ) -> tuple[poutine.Trace, poutine.Trace, dict[str, torch.Tensor]]:
     """Trace the guide, then the model replayed on its values (full traces, subsample kept).
 
     ``vectorized`` is ``(num_particles, particle_dim)`` under a particle plate, else ``None``.
+    ``runs_sequentially()`` tells whether one particle runs without the plate: a failure that
+    Pyro or torch reports as a shape or index error of any plate is then the particle plate's.
     """
+
+    def caused_by_particle_plate(error: Exception) -> bool:
+        if _is_shape_error(error):
+            return True
+        return runs_sequentially is not None and runs_sequentially()
+
     enumerating_model = poutine.enum(model, first_available_dim=-(window + 1))
     guide_fn = guide if guide_replay is None else poutine.replay(guide, trace=guide_replay)
     tracker = _SiteTracker()
     try:
         with tracker:
             guide_trace = poutine.trace(guide_fn).get_trace(*args, **kwargs)
-    except (RuntimeError, ValueError) as error:
-        if vectorized is None or not _is_shape_error(error):
+    except (RuntimeError, ValueError, IndexError) as error:
+        if vectorized is None or not caused_by_particle_plate(error):
             raise
         raise _vectorization_error(error, "guide", tracker, *vectorized) from error
     aliases: dict[str, torch.Tensor] = {}
@@ -937,8 +999,8 @@ def _run_once(
             model_trace = poutine.trace(poutine.replay(enumerating_model, trace=source)).get_trace(
                 *args, **kwargs
             )
-    except (RuntimeError, ValueError) as error:
-        if vectorized is None or not _is_shape_error(error):
+    except (RuntimeError, ValueError, IndexError) as error:
+        if vectorized is None or not caused_by_particle_plate(error):
             raise
         raise _vectorization_error(error, "model", tracker, *vectorized) from error
     return model_trace, guide_trace, aliases
@@ -1171,6 +1233,7 @@ def trace_particles(
                 model_replay=None,
                 latent_hook=latent_hook,
                 vectorized=(num_particles, particle_dim),
+                runs_sequentially=lambda: _one_sequential_particle_runs(model, guide, args, kwargs),
             )
         )
     else:

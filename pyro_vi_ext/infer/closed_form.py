@@ -24,11 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import pyro.distributions as dist
 import torch
-from torch.distributions import kl_divergence
+from torch.distributions import constraints, kl_divergence
 
 from pyro_vi_ext.infer._loss_base import ParticleELBO
 from pyro_vi_ext.infer._weights import (
+    ParticleRun,
     ParticleWeights,
     common_user_scale,
     latent_sites,
@@ -78,8 +80,16 @@ class ClosedFormELBO(ParticleELBO):
     the prior term from the gradient.
 
     Every guide site must be reparameterized (``has_rsample``); a site whose entropy (or whose
-    KL to its prior) has no closed form is refused with its name. Latents are vectorized over
-    ``num_particles`` on a plate left of the model's plates.
+    KL to its prior) has no closed form is refused with its name. With ``K > 1`` latents are
+    vectorized over ``num_particles`` on a plate left of the model's plates (or drawn in a loop
+    with ``vectorize_particles=False``). The estimate is an ELBO for any ``K``, so latents outside
+    a subsampled data plate are allowed (Pyro's scales, as ``Trace_ELBO``).
+
+    Autoguides: an ``AutoNormal`` site is a ``Delta`` over an auxiliary
+    ``<site>_unconstrained`` Normal; its entropy is the auxiliary's closed-form entropy minus the
+    Monte Carlo ``log_density`` the Delta carries (zero for a real-support site), and its KL is
+    the auxiliary's closed-form KL when the transform is the identity (refused otherwise, as is
+    ``form="kl"`` with a joint auxiliary latent such as ``AutoDiagonalNormal``'s).
 
     After each call :attr:`last_terms` holds ``elbo`` and the closed-form term (``entropy`` or
     ``kl``), in nats per data point.
@@ -93,7 +103,9 @@ class ClosedFormELBO(ParticleELBO):
     max_plate_nesting
         The model's plate nesting, without the particle plate (guessed by one run when omitted).
     vectorize_particles
-        Must be True.
+        Draw the ``K > 1`` particles on one vectorized plate (True) or in a loop (False; one
+        minibatch for all particles). One particle never uses a particle plate, as
+        ``Trace_ELBO``.
     retain_graph
         Passed to ``backward`` in ``loss_and_grads``.
     jit : bool
@@ -119,6 +131,8 @@ class ClosedFormELBO(ParticleELBO):
                   loss=ClosedFormELBO(form="kl"))
         svi.step(x_batch, idx=idx, n_data=len(x_train))
     """
+
+    supports_sequential_particles = True
 
     def __init__(
         self,
@@ -152,6 +166,9 @@ class ClosedFormELBO(ParticleELBO):
             kwargs,
             num_particles=self.num_particles,
             plate_nesting=nesting,
+            vectorize=self.vectorize_particles and self.num_particles > 1,
+            # the estimate only averages log-densities over particles: an ELBO for any K
+            linear_in_log_weights=True,
         )
         for name, site in latent_sites(weights.guide_trace):
             if not site["fn"].has_rsample:
@@ -161,7 +178,10 @@ class ClosedFormELBO(ParticleELBO):
                     "samples. Use Trace_ELBO (score-function gradient) for this guide, or a "
                     "reparameterizable distribution."
                 )
-        per_site_scale = common_user_scale((weights.model_trace, weights.guide_trace)) is None
+        per_site_scale = (
+            weights.whole_trace_scaled
+            or common_user_scale((weights.model_trace, weights.guide_trace)) is None
+        )
         if self.form == "entropy":
             closed = _closed_form_terms(weights, per_site_scale, _entropy)
             monte_carlo = weights.log_p  # [S, P], user scales handled by trace_particles
@@ -172,12 +192,19 @@ class ClosedFormELBO(ParticleELBO):
             per_point = monte_carlo.mean(0) - closed
         elbo = weights.scale * per_point.sum()
         with torch.no_grad():
-            per_datum = weights.scale / weights.data_size
-            self._set_terms({"elbo": elbo / weights.data_size, self.form: closed.sum() * per_datum})
+            per_datum = weights.scale / weights.points_represented
+            self._set_terms(
+                {"elbo": elbo / weights.points_represented, self.form: closed.sum() * per_datum}
+            )
         return -elbo
 
 
-def _entropy(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
+def _entropy(name: str, site: dict, run: ParticleRun) -> torch.Tensor:
+    if isinstance(site["fn"], dist.Delta):
+        # An autoguide's Delta pushes an auxiliary latent through a bijection; its log_density
+        # is log|det d(aux)/d(site)|, so H[site] = H[aux] - E[log_density]: Monte Carlo here,
+        # zero for the identity transform of a real-support site.
+        return -site["fn"].log_prob(site["value"])
     try:
         return site["fn"].entropy()
     except NotImplementedError:
@@ -188,10 +215,44 @@ def _entropy(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
         ) from None
 
 
-def _kl_to_prior(name: str, site: dict, weights: ParticleWeights) -> torch.Tensor:
-    prior = weights.model_trace.nodes[name]["fn"]
+def _is_real_support(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _kl_guide_distribution(name: str, site: dict, run: ParticleRun):
+    """Return the distribution of a user's guide site, seen through an autoguide's Delta."""
+    if not isinstance(site["fn"], dist.Delta):
+        return site["fn"]
+    prior = run.model_trace.nodes[name]["fn"]
+    auxiliary = run.guide_trace.nodes.get(f"{name}_unconstrained")
+    if (
+        auxiliary is None
+        or auxiliary["type"] != "sample"
+        or not auxiliary["infer"].get("is_auxiliary")
+        or auxiliary["value"].shape != site["value"].shape
+    ):
+        raise ValueError(
+            f"Guide site '{name}' is a Delta whose distribution comes from a joint auxiliary "
+            "latent (e.g. AutoDiagonalNormal, AutoMultivariateNormal) or has no density "
+            "(AutoDelta): its KL to the prior has no closed form. Use "
+            "ClosedFormELBO(form='entropy'), an AutoNormal guide, or Trace_ELBO."
+        )
+    if not _is_real_support(prior.support):
+        raise ValueError(
+            f"Guide site '{name}' is an autoguide Delta over '{name}_unconstrained' through a "
+            f"non-identity transform (prior support {prior.support}); the KL of the transformed "
+            "distribution to the prior has no closed form. Use ClosedFormELBO(form='entropy') "
+            "or Trace_ELBO."
+        )
+    return auxiliary["fn"]  # identity transform: the site has the auxiliary's distribution
+
+
+def _kl_to_prior(name: str, site: dict, run: ParticleRun) -> torch.Tensor:
+    prior = run.model_trace.nodes[name]["fn"]
     try:
-        return kl_divergence(site["fn"], prior)
+        return kl_divergence(_kl_guide_distribution(name, site, run), prior)
     except NotImplementedError:
         raise ValueError(
             f"Latent site '{name}': no closed-form KL(q || p) is registered for guide "
@@ -210,9 +271,11 @@ def _masked(term: torch.Tensor, site: dict) -> torch.Tensor:
     return term.masked_fill(~mask, 0.0)
 
 
-def _scaled(term: torch.Tensor, site: dict, per_site_scale: bool) -> torch.Tensor:
+def _scaled(term: torch.Tensor, site: dict, weights: ParticleWeights, per_site_scale: bool):
     if not per_site_scale:
         return term
+    if weights.whole_trace_scaled:
+        return term * site["scale"]  # Pyro's full scale: subsampling factors and user scale
     scale = site_user_scale(site)
     if scale is None:
         raise ValueError(
@@ -231,29 +294,37 @@ def _to_points(term: torch.Tensor, weights: ParticleWeights) -> torch.Tensor:
     summed = [d for d in range(nesting) if d not in keep and term.shape[d] != 1]
     if summed:
         term = term.sum(summed, keepdim=True)
+    rows = weights.num_particles if weights.vectorized else 1  # particles of one run
     kept_shape = [term.shape[0]] + [term.shape[nesting + p.dim] for p in weights.point_plates]
-    target = [weights.num_particles] + [plate.size for plate in weights.point_plates]
-    return term.reshape(kept_shape).expand(target).reshape(weights.num_particles, -1)
+    target = [rows] + [plate.size for plate in weights.point_plates]
+    return term.reshape(kept_shape).expand(target).reshape(rows, -1)
 
 
 def _closed_form_terms(
     weights: ParticleWeights,
     per_site_scale: bool,
-    closed_form: Callable[[str, dict, ParticleWeights], torch.Tensor],
+    closed_form: Callable[[str, dict, ParticleRun], torch.Tensor],
 ) -> torch.Tensor:
-    """``[P]`` sum over guide sites of a closed-form term, averaged over particles."""
+    """``[P]`` sum over guide sites of a closed-form term, averaged over particles (and runs)."""
     total = torch.zeros(weights.num_points, dtype=weights.log_p.dtype, device=weights.log_p.device)
-    for name, site in latent_sites(weights.guide_trace):
-        term = _scaled(_masked(closed_form(name, site, weights), site), site, per_site_scale)
-        total = total + _to_points(term, weights).mean(0)
+    for run in weights.runs:
+        for name, site in latent_sites(run.guide_trace):
+            if closed_form is _kl_to_prior and site["infer"].get("is_auxiliary"):
+                continue  # not a model latent: its KL is counted at the user site it stands for
+            term = _masked(closed_form(name, site, run), site)
+            term = _scaled(term, site, weights, per_site_scale)
+            total = total + _to_points(term, weights).mean(0) / len(weights.runs)
     return total
 
 
 def _observed_log_likelihood(weights: ParticleWeights, per_site_scale: bool) -> torch.Tensor:
     """``[S, P]`` sum of the observed sites' log-likelihoods."""
-    total = torch.zeros_like(weights.log_p)
-    for _, site in sample_sites(weights.model_trace):
-        if site["is_observed"]:
-            term = _scaled(site_log_prob(site), site, per_site_scale)
-            total = total + _to_points(term, weights)
-    return total
+    rows = []
+    for run in weights.runs:
+        total = torch.zeros_like(weights.log_p[: weights.log_p.shape[0] // len(weights.runs)])
+        for _, site in sample_sites(run.model_trace):
+            if site["is_observed"]:
+                term = _scaled(site_log_prob(site), site, weights, per_site_scale)
+                total = total + _to_points(term, weights)
+        rows.append(total)
+    return torch.cat(rows, 0)

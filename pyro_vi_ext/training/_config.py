@@ -289,6 +289,16 @@ distributed_timeout, data_plate
             raise ValueError(f"`seed` must be an integer in [0, 2**32) or None; got {seed!r}")
         if eval_loss is not None and not has_eval_data:
             raise ValueError("`eval_loss` is given but `eval_data` is None")
+        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+            raise TypeError(
+                "`checkpoint` must be a file path (str or os.PathLike) or None; got "
+                f"{type(checkpoint).__name__} {checkpoint!r}"
+            )
+        if not isinstance(resume, bool | str | os.PathLike | None):
+            raise TypeError(
+                "`resume` must be True, False, None or a checkpoint path (str or os.PathLike); "
+                f"got {type(resume).__name__} {resume!r}"
+            )
         if checkpoint_every is not None and checkpoint is None:
             raise ValueError("`checkpoint_every` needs a `checkpoint` path")
         if resume is True and checkpoint is None:

@@ -389,6 +389,20 @@ def _create_parameters(session: TrainingSession, state: LoopState) -> None:
         config.loss.loss(config.model, config.guide, *args, **kwargs)
 
 
+def _refuse_overwriting_foreign_file(path: os.PathLike[str]) -> None:
+    """Raise if a fresh run would overwrite a non-empty file that is not a fit checkpoint."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        checkpoint_io.load_checkpoint(path)
+    except checkpoint_io.CheckpointError as error:
+        raise checkpoint_io.CheckpointError(
+            f"`checkpoint` {os.fspath(path)!r} exists and is not a valid pyro_vi_ext checkpoint "
+            f"({error}); fit would overwrite it. Choose another `checkpoint` path, or move or "
+            "delete the file."
+        ) from None
+
+
 def _resume_path(config: FitConfig) -> str | None:
     if config.resume is True:
         assert config.checkpoint is not None
@@ -674,6 +688,9 @@ def run_training(config: FitConfig, data: Any, eval_data: Any) -> FitResult:
         checkpoint_io.check_checkpoint_path(config.checkpoint)
         checkpoint_io.remove_orphan_temp_files(config.checkpoint)
     resume_path = _resume_path(config)
+    if config.checkpoint is not None and context.is_main:
+        if resume_path != os.fspath(config.checkpoint):  # not read by this run: written over
+            _refuse_overwriting_foreign_file(config.checkpoint)
     checkpoint = checkpoint_io.load_checkpoint(resume_path) if resume_path is not None else None
     if checkpoint is not None:
         if config.seed is not None and config.seed != int(checkpoint["seed"]):

@@ -356,6 +356,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     >>> ckpt = load_checkpoint("run.pt")  # doctest: +SKIP
     >>> ckpt["step"], sorted(ckpt["params"])  # doctest: +SKIP
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            "load_checkpoint: `path` must be a file path (str or os.PathLike); got "
+            f"{type(path).__name__} {path!r}"
+        )
     name = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {name!r}")

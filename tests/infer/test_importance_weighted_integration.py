@@ -69,18 +69,24 @@ def test_svi_training_reduces_the_loss_and_finds_the_posterior(x, estimator):
     """Check: svi training reduces the loss and finds the posterior."""
     guide = make_toy_guide(toy_guide_params(D, MU, exact=False))
     loss = ImportanceWeightedELBO(num_particles=5, estimator=estimator)
-    svi = SVI(toy_model, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
+    svi = SVI(toy_model, guide, pyro.optim.Adam({"lr": 0.03}), loss=loss)
     target = -float(toy_log_evidence(x, MU).sum())
     before = _evaluate(toy_model, guide, x, MU)
-    for _ in range(200):
+    store = pyro.get_param_store()
+    averages = {"A": 0.0, "s": 0.0}
+    # 400 steps, iterates averaged over the last 200: one iterate's minibatch noise is about the
+    # size of the tolerance (over seeds 0-4 the averaged error is at most 0.11 for "iwae")
+    for step in range(400):
         value = svi.step(x, MU, 5)  # minibatches of 5 out of 10
         assert math.isfinite(value)
+        if step >= 200:
+            for name in averages:
+                averages[name] = averages[name] + store[name].detach() / 200
     after = _evaluate(toy_model, guide, x, MU)
     assert after - target < 0.2 * (before - target)
-    store = pyro.get_param_store()
     # the IWAE_5 optimum in this family is the exact posterior (STL's is, too: zero variance there)
-    torch.testing.assert_close(store["A"], torch.full((D,), 0.5), atol=0.15, rtol=0)
-    torch.testing.assert_close(store["s"], torch.full((D,), EXACT_S), atol=0.15, rtol=0)
+    torch.testing.assert_close(averages["A"], torch.full((D,), 0.5), atol=0.15, rtol=0)
+    torch.testing.assert_close(averages["s"], torch.full((D,), EXACT_S), atol=0.15, rtol=0)
 
 
 # -- autoguides ----------------------------------------------------------------------------------
