@@ -46,7 +46,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Distribution, Independent, Normal
 
 from pyro_vi_ext.diagnostics._sampling import VectorizeParticles, settle_vectorize
-from pyro_vi_ext.infer._weights import trace_particles
+from pyro_vi_ext.infer._weights import guess_plate_nesting, trace_particles
 
 RicherFamily = Literal["full_covariance"]
 EvidenceProposal = Literal["amortized", "family", "richer"]
@@ -362,23 +362,6 @@ class _Call:
     vectorize: bool = True
 
 
-def _plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    dims = [
-        frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
-
-
 def _site_families(
     call: _Call, family: str, start: dict[str, _SiteFamily] | None = None
 ) -> dict[str, _SiteFamily]:
@@ -690,7 +673,7 @@ def inference_gaps(
         nesting = (
             int(max_plate_nesting)
             if max_plate_nesting is not None
-            else _plate_nesting(model, guide, call_args, kwargs)
+            else guess_plate_nesting(model, guide, call_args, kwargs)
         )
         if not isinstance(vectorize_particles, bool):
             vectorize_particles = settle_vectorize(
