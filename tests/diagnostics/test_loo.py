@@ -150,11 +150,15 @@ def test_errors_name_the_problem(regression, shifted_guide, local_toy):
 
 
 def test_high_khat_warns(regression):
-    """A much too narrow guide: k-hat above the threshold, with a warning."""
-    narrow = FixedGaussianGuide(regression.mean, 0.2 * regression.cov)
+    """A much too narrow guide: k-hat above the threshold, with a warning.
+
+    k-hat is noisy: at 0.2 x the posterior covariance and 1,000 draws it ranged 0.37-0.89 over
+    seeds, so the guide is narrower (0.02 x: 0.95-1.19 over seeds 0-5 with 4,000 draws).
+    """
+    narrow = FixedGaussianGuide(regression.mean, 0.02 * regression.cov)
     pyro.set_rng_seed(0)
     with pytest.warns(UserWarning, match="k-hat above"):
-        loo = vi_loo(regression.model, narrow, *regression.args, num_samples=1000)
+        loo = vi_loo(regression.model, narrow, *regression.args, num_samples=4000)
     assert loo["warning"] and loo["guide_pareto_k"] > 0.7
 
 
