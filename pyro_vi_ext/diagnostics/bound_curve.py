@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.diagnostics._sampling import (
     LogMeanExp,
     VectorizeParticles,
@@ -57,6 +58,9 @@ class BoundCurve:
     log_evidence_se: float
     num_samples: int
     num_points: int
+
+    def __repr__(self) -> str:
+        return short_repr(self)
 
     def plot(self, ax=None):
         """Plot the curve: see :func:`pyro_vi_ext.diagnostics.plot_bound_vs_k`."""

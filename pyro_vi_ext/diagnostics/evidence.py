@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.diagnostics._sampling import (
     LogMeanExp,
     ProposalCheck,
@@ -67,6 +68,9 @@ class EvidenceResult:
     point_shape: tuple[int, ...] = ()
     subsample_factor: float = 1.0
     proposal_problem: str | None = None
+
+    def __repr__(self) -> str:
+        return short_repr(self)
 
     @property
     def num_points(self) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pyro_vi_ext.diagnostics import _arviz_compat
+from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.diagnostics._sampling import (
     ProposalCheck,
     VectorizeParticles,
@@ -117,6 +118,9 @@ class PSISResult:
     point_shape: tuple[int, ...] = ()
     log_weights: np.ndarray = field(default=None, repr=False)
     proposal_problem: str | None = None
+
+    def __repr__(self) -> str:
+        return short_repr(self)
 
     @property
     def threshold(self) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pyro_vi_ext.diagnostics import _arviz_compat
+from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.diagnostics._sampling import (
     Draws,
     ProposalCheck,
@@ -63,6 +64,9 @@ class ResampledPosterior:
     psis: PSISResult
     num_proposals: int
     smoothed: bool
+
+    def __repr__(self) -> str:
+        return short_repr(self)
 
     @property
     def num_draws(self) -> int:

@@ -25,6 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.infer._aggregate import SampleTerms, exact_log_aggregate
 from pyro_vi_ext.infer._code_layout import (
     CodeLayout,
@@ -81,6 +82,9 @@ class SurgeryResult:
     code_sites: tuple[str, ...]
     code_dim: int
     log_num_points: float = field(init=False)
+
+    def __repr__(self) -> str:
+        return short_repr(self)
 
     def __post_init__(self):
         """Set :attr:`log_num_points` from :attr:`num_points`."""
