@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from pyro.infer import ELBO
 
-from pyro_vi_ext.infer import _validation
+from pyro_vi_ext.infer import _chunked, _validation
 from pyro_vi_ext.infer._bounds import Bound, effective_sample_size, elbo_bound
 from pyro_vi_ext.infer._compiled import CompiledLoss
 from pyro_vi_ext.infer._gradients import (
@@ -218,6 +218,9 @@ class BoundELBO(ParticleELBO):
         The gradient estimator (:mod:`pyro_vi_ext.infer._gradients`).
     max_plate_nesting, vectorize_particles, retain_graph, jit
         As for :class:`ParticleELBO`.
+    particle_chunk_size : int or None
+        Evaluate the ``M K`` particles ``C`` at a time in ``loss`` and ``loss_and_grads``, with
+        the same value and gradient as unchunked on the same draws (:mod:`._chunked`).
     """
 
     #: key of the objective's value in :attr:`last_terms`
@@ -233,8 +236,10 @@ class BoundELBO(ParticleELBO):
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
         jit: bool = False,
+        particle_chunk_size: int | None = None,
     ):
         check_estimator(estimator)
+        chunk_size = _chunked.check_particle_chunk_size(particle_chunk_size, jit)
         if not isinstance(num_outer, int) or num_outer < 1:
             raise ValueError(f"num_outer must be a positive int, got {num_outer!r}")
         super().__init__(
@@ -246,6 +251,40 @@ class BoundELBO(ParticleELBO):
         )
         self.num_outer = num_outer
         self.estimator: Estimator = estimator
+        self.particle_chunk_size = chunk_size
+
+    def splits_particles(self) -> bool:
+        """Return whether ``particle_chunk_size`` is below the ``M K`` particles (chunks run)."""
+        chunk_size = self.particle_chunk_size
+        return chunk_size is not None and chunk_size < self.num_outer * self.num_particles
+
+    def chunking_refusal(self) -> str | None:
+        """Return why this loss's particles cannot be chunked exactly (``None``: they can).
+
+        By default a subclass that combines its surrogates in its own way
+        (:meth:`combine_surrogates`) is refused: chunking only knows the guide's surrogate.
+        """
+        if type(self).combine_surrogates is not BoundELBO.combine_surrogates:
+            return (
+                f"{type(self).__name__} overrides combine_surrogates, which particle chunking "
+                "cannot split into per-particle terms; use particle_chunk_size=None."
+            )
+        return None
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """Return the loss value as a float (chunk by chunk with ``particle_chunk_size``)."""
+        if not self.splits_particles():
+            return super().loss(model, guide, *args, **kwargs)
+        _validation.check_elbo_instance(self, "loss")
+        return _checked_float(_chunked.guarded_chunked_loss(self, model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Accumulate the gradients (chunk by chunk with ``particle_chunk_size``), return the loss."""
+        if not self.splits_particles():
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        _validation.check_elbo_instance(self, "loss_and_grads")
+        value = _chunked.guarded_chunked_loss_and_grads(self, model, guide, *args, **kwargs)
+        return _checked_float(value)
 
     def bound(self) -> Bound:
         """Return the bound optimized (subclasses)."""
@@ -282,6 +321,8 @@ class BoundELBO(ParticleELBO):
         self, model: Callable, guide: Callable, *args, **kwargs
     ) -> torch.Tensor:
         """Return the negative bound as a scalar tensor whose gradient is the chosen estimator."""
+        if self.splits_particles():
+            raise _chunked.differentiable_loss_refusal(self)
         nesting = self._model_plate_nesting(model, guide, args, kwargs)
         num_outer, num_particles = self.num_outer, self.num_particles
         bound = self.bound()
@@ -358,8 +399,8 @@ class BoundELBO(ParticleELBO):
             )
 
 
-def _checked_float(value: torch.Tensor) -> float:
-    number = float(value.detach())
+def _checked_float(value: torch.Tensor | float) -> float:
+    number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not math.isfinite(number):
         warnings.warn(f"Encountered non-finite loss {number}", stacklevel=3)
     return number

@@ -40,6 +40,7 @@ from pyro_vi_ext.infer import _weights
 
 __all__ = [
     "ModelGuideMismatchError",
+    "ParticleChunkingError",
     "ParticleMemoryError",
     "PlateNestingError",
     "available_memory_bytes",
@@ -67,6 +68,10 @@ class PlateNestingError(ModelGuideMismatchError):
 
 class ParticleMemoryError(MemoryError):
     """The requested particles cannot fit in the memory of the device that holds the traces."""
+
+
+class ParticleChunkingError(ValueError):
+    """A loss's ``particle_chunk_size`` cannot serve this call or this configuration."""
 
 
 # -- loss objects ---------------------------------------------------------------------------------
@@ -598,6 +603,7 @@ def check_particle_memory(
     num_particles: int,
     plate_nesting: int,
     available: Callable[[torch.device], int | None] = available_memory_bytes,
+    chunkable: bool = False,
 ) -> None:
     """Raise before allocating when ``num_particles`` particles cannot fit in memory.
 
@@ -617,6 +623,9 @@ def check_particle_memory(
         The model's plate nesting, without the particle plate.
     available : callable, optional
         Free bytes of a device (defaults to :func:`available_memory_bytes`).
+    chunkable : bool
+        The loss offers ``particle_chunk_size`` (exact chunking of the particles); the error then
+        suggests it.
 
     Raises
     ------
@@ -646,10 +655,16 @@ def check_particle_memory(
     if limit is None or needed <= limit:
         return
     fitting = max(1, limit // max(per_particle, 1))
+    chunking = (
+        f"particle_chunk_size={fitting} or less (the same particles, value and gradient, "
+        f"{fitting} at a time, about twice the forward cost), "
+        if chunkable
+        else ""
+    )
     raise ParticleMemoryError(
         f"{num_particles} vectorized particles need at least {_gib(needed)} on {device} (about "
         f"{_gib(per_particle)} per particle, estimated from a two-particle run of the model and "
-        f"the guide), but only {_gib(limit)} is available. Use fewer particles per run "
+        f"the guide), but only {_gib(limit)} is available. Use {chunking}fewer particles per run "
         f"(at most about {fitting}), use a smaller batch, or vectorize_particles=False (one "
         "particle at a time)."
     )
@@ -826,7 +841,7 @@ def explain_trace_error(
     >>> explain_trace_error(KeyError("x"), print, print, (), {}, 1) is None
     True
     """
-    if isinstance(error, (ParticleMemoryError, TypeError)) or (
+    if isinstance(error, (ParticleMemoryError, ParticleChunkingError, TypeError)) or (
         isinstance(error, ModelGuideMismatchError) and not isinstance(error, PlateNestingError)
     ):
         return None
@@ -929,6 +944,9 @@ def _program_key(fn: Callable) -> object:
 def _check_memory_once(loss, model, guide, args, kwargs) -> None:
     vectorized = getattr(loss, "vectorize_particles", True)
     total = loss.num_particles * getattr(loss, "num_outer", 1)
+    chunk_size = getattr(loss, "particle_chunk_size", None)
+    if chunk_size is not None:  # chunked: one run holds at most chunk_size particles
+        total = min(total, chunk_size)
     if not vectorized or total <= 1:
         return
     checked = getattr(loss, "_checked_memory", None)
@@ -936,6 +954,14 @@ def _check_memory_once(loss, model, guide, args, kwargs) -> None:
     if checked is not None and key in checked:
         return
     nesting = loss._model_plate_nesting(model, guide, args, kwargs)
-    check_particle_memory(model, guide, args, kwargs, num_particles=total, plate_nesting=nesting)
+    check_particle_memory(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles=total,
+        plate_nesting=nesting,
+        chunkable=hasattr(loss, "particle_chunk_size"),
+    )
     if checked is not None:
         checked.add(key)

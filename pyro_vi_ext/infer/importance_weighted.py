@@ -10,6 +10,7 @@ import torch
 from pyro_vi_ext.infer._bounds import Bound, iwae_bound
 from pyro_vi_ext.infer._gradients import Estimator, split_surrogate, trace_parameters
 from pyro_vi_ext.infer._loss_base import BoundELBO
+from pyro_vi_ext.infer._validation import ParticleChunkingError
 from pyro_vi_ext.infer._weights import ParticleWeights
 
 Variant = Literal["iwae", "ciwae", "piwae"]
@@ -101,6 +102,25 @@ class ImportanceWeightedELBO(BoundELBO):
         shapes, a new model or guide, gradients on/off recompile); same values and gradients as
         the eager path on the same draws, eager fallback with a warning when tracing fails.
         See :mod:`pyro_vi_ext.infer._compiled`.
+    particle_chunk_size : int or None
+        Evaluate the particles ``C`` at a time (default ``None``: all in one run), so that peak
+        memory is that of ``C`` particles instead of ``M K``. Exact: ``loss_and_grads`` gives the
+        same value and the same gradient, up to float rounding, as the unchunked loss on the same
+        draws, for every estimator (score-function sites included) and for MIWAE and CIWAE. It
+        takes two passes: the log-weights of all chunks without graph, then each chunk replayed
+        from its recorded random state with ``backward`` on its share of the surrogate (the
+        bound's normalized-weight coefficients, DReG's path weights, the leave-one-out signals
+        all computed from the full log-weights); cost about two forward passes and one backward.
+        ``loss`` needs only the first pass. Use it when ``M K`` particles of the minibatch do not
+        fit (the memory check before a run suggests it). A chunked run draws ``C`` particles at a
+        time, so its random stream differs from an unchunked run's with the same seed
+        (statistically the same estimator). All chunks share the first chunk's minibatch of a
+        subsampled plate. ``differentiable_loss`` (``ELBOModule``) raises
+        :class:`~pyro_vi_ext.infer._validation.ParticleChunkingError` while the chunk size splits
+        the particles (use ``SVI`` or ``fit``, which call ``loss_and_grads``); so does
+        ``jit=True`` and ``variant="piwae"`` (its split of model and guide gradients needs the whole graph). With ``vectorize_particles=False`` the loop runs ``C`` particles per chunk
+        (their graphs, not all ``M K``, are held at once). Randomness must come from torch's,
+        Python's or NumPy's global generators (a mismatch in the replay raises).
 
     References
     ----------
@@ -136,6 +156,7 @@ class ImportanceWeightedELBO(BoundELBO):
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
         jit: bool = False,
+        particle_chunk_size: int | None = None,
     ):
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
@@ -149,9 +170,24 @@ class ImportanceWeightedELBO(BoundELBO):
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
             jit=jit,
+            particle_chunk_size=particle_chunk_size,
         )
         self.variant: Variant = variant
         self.ciwae_beta = float(ciwae_beta)
+        refusal = self.chunking_refusal() if particle_chunk_size is not None else None
+        if refusal is not None:
+            raise ParticleChunkingError(refusal)
+
+    def chunking_refusal(self) -> str | None:
+        """Return why PIWAE cannot be chunked (``None`` for the other variants)."""
+        if self.variant == "piwae":
+            return (
+                "variant='piwae' cannot use particle_chunk_size: it differentiates the model's "
+                "and the guide's objectives separately (torch.autograd.grad) on the graph of all "
+                "particles. Use particle_chunk_size=None, or variant='iwae' (MIWAE with "
+                "num_outer) with chunking."
+            )
+        return None
 
     def compile_refusal(self) -> str | None:
         """Return why PIWAE is not traced (it differentiates inside the loss), else ``None``."""
