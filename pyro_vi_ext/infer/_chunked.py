@@ -161,7 +161,7 @@ class _RandomState:
             torch.get_rng_state(),
             tuple(torch.cuda.get_rng_state_all()) if cuda else (),
             random.getstate(),
-            np.random.get_state(),
+            np.random.get_state(),  # noqa: NPY002 - the legacy global stream user code draws
         )
 
     def restore(self) -> None:
@@ -169,7 +169,7 @@ class _RandomState:
         if self.torch_cuda:
             torch.cuda.set_rng_state_all(list(self.torch_cuda))
         random.setstate(self.python)
-        np.random.set_state(self.numpy)
+        np.random.set_state(self.numpy)  # noqa: NPY002 - as above
 
 
 class _SubsamplePins(Messenger):
@@ -201,7 +201,7 @@ class _SubsamplePins(Messenger):
 
 
 def _draws_random_indices(msg) -> bool:
-    """Whether a message is a plate's random subsample (not the particle plate, not a full plate)."""
+    """Whether a message draws a plate's random subsample (not the particle plate, not all)."""
     fn = msg["fn"]
     return (
         isinstance(fn, _Subsample)
@@ -280,7 +280,9 @@ def _first_pass(
                 states.append(_RandomState.capture())
             pins.pinning = index > 0
             with pins:
-                weights = _trace_chunk(loss, model, guide, args, kwargs, stop - start, nesting, None)
+                weights = _trace_chunk(
+                    loss, model, guide, args, kwargs, stop - start, nesting, None
+                )
             rows.append(weights.log_weights)
             if point_scale is None:
                 point_scale = _PointScale(weights.scale, weights.points_represented)

@@ -279,7 +279,7 @@ class BoundELBO(ParticleELBO):
         return _checked_float(_chunked.guarded_chunked_loss(self, model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Accumulate the gradients (chunk by chunk with ``particle_chunk_size``), return the loss."""
+        """Accumulate the gradients (in chunks with ``particle_chunk_size``), return the value."""
         if not self.splits_particles():
             return super().loss_and_grads(model, guide, *args, **kwargs)
         _validation.check_elbo_instance(self, "loss_and_grads")

@@ -84,22 +84,22 @@ class RenyiAlphaELBO(BoundELBO):
     particle_chunk_size : int or None
         Evaluate the particles ``C`` at a time (default ``None``: all in one run), so that peak
         memory is that of ``C`` particles instead of ``M K``. Exact: ``loss_and_grads`` gives the
-        same value and the same gradient, up to float rounding, as the unchunked loss on the same
-        draws, for every estimator (score-function sites included) and any ``num_outer``. It
-        takes two passes: the log-weights of all chunks without graph, then each chunk replayed
-        from its recorded random state with ``backward`` on its share of the surrogate (the
-        bound's normalized-weight coefficients, DReG's path weights, the leave-one-out signals
-        all computed from the full log-weights); cost about two forward passes and one backward.
-        ``loss`` needs only the first pass. Use it when ``M K`` particles of the minibatch do not
-        fit (the memory check before a run suggests it). A chunked run draws ``C`` particles at a
-        time, so its random stream differs from an unchunked run's with the same seed
-        (statistically the same estimator). All chunks share the first chunk's minibatch of a
-        subsampled plate. ``differentiable_loss`` (``ELBOModule``) raises
-        :class:`~pyro_vi_ext.infer._validation.ParticleChunkingError` while the chunk size splits
-        the particles (use ``SVI`` or ``fit``, which call ``loss_and_grads``); so does
-        ``jit=True``. With ``vectorize_particles=False`` the loop runs ``C`` particles per chunk
-        (their graphs, not all ``M K``, are held at once). Randomness must come from torch's,
-        Python's or NumPy's global generators (a mismatch in the replay raises).
+        same value and gradient, up to float rounding, as the unchunked loss on the same draws, for
+        every estimator (score-function sites included) and for any ``num_outer``. Two passes: the
+        log-weights of all chunks without graph, then each chunk replayed from its recorded random
+        state with ``backward`` on its share of the surrogate, whose coefficients (the bound's
+        normalized weights, DReG's path weights, the leave-one-out signals) come from the full
+        log-weights; about two forward passes and one backward per step. ``loss`` needs only the
+        first pass. Use it when ``M K`` particles of a minibatch do not fit (the memory check before
+        the first run suggests it). A chunked run draws ``C`` particles at a time, so its random
+        stream differs from an unchunked run's under the same seed (statistically the same
+        estimator); all chunks share the first chunk's minibatch of a subsampled plate.
+        ``differentiable_loss`` (and so ``ELBOModule``) raises
+        :class:`~pyro_vi_ext.infer._validation.ParticleChunkingError` while ``C < M K``: use ``SVI``
+        or ``fit``, which call ``loss_and_grads``. Refused: ``jit=True``. With
+        ``vectorize_particles=False`` each chunk loops over ``C`` particles (their graphs, not all
+        ``M K``, are held at once). Randomness must come from torch's, Python's or NumPy's global
+        generators; a replay that does not reproduce its chunk raises.
 
     References
     ----------

@@ -353,9 +353,7 @@ def test_sequential_particles_match(estimator):
             particle_chunk_size=particle_chunk_size,
         )
 
-    chunked_against_unchunked(
-        make_loss, 3, local_model, local_guide, local_data(), sequential=True
-    )
+    chunked_against_unchunked(make_loss, 3, local_model, local_guide, local_data(), sequential=True)
 
 
 # -- the random stream and the minibatch -----------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from pyro.infer import ELBO
 
 import pyro_vi_ext
+from pyro_vi_ext.infer._validation import ParticleChunkingError
 
 N, D = 12, 3
 
@@ -132,3 +133,63 @@ def test_svi_and_elbo_module(cls, kwargs, data):
     module = loss(model, guide)  # ELBOModule: the path of plain torch optimizers
     out = module(data)
     assert out.shape == () and out.requires_grad
+
+
+# particle chunking (``particle_chunk_size`` below M K): loss and loss_and_grads keep the contract,
+# differentiable_loss (and so ELBOModule) refuses by design; exactness against the unchunked loss
+# on the same draws is tested in test_chunked.py
+CHUNKED_SETTINGS = [
+    pytest.param(cls, {**kwargs, "particle_chunk_size": 3}, id=f"{cls.__name__}-{label}")
+    for cls, kwargs, label in [
+        (pyro_vi_ext.ImportanceWeightedELBO, {"num_particles": 4, "estimator": e}, e)
+        for e in ("iwae", "stl", "dreg")
+    ]
+    + [
+        (
+            pyro_vi_ext.ImportanceWeightedELBO,
+            {"num_particles": 4, "num_outer": 2, "variant": "ciwae", "estimator": "dreg"},
+            "ciwae-M2-dreg",
+        ),
+        (
+            pyro_vi_ext.RenyiAlphaELBO,
+            {"num_particles": 4, "alpha": 0.5, "estimator": "dreg"},
+            "alpha0.5-dreg",
+        ),
+    ]
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", CHUNKED_SETTINGS)
+@pytest.mark.parametrize("subsample", [False, True], ids=["full", "minibatch"])
+def test_chunked_loss_methods_agree(cls, kwargs, subsample, data):
+    """Check: chunked loss and loss_and_grads agree; differentiable_loss refuses by name."""
+    idx = torch.tensor([1, 4, 6, 7, 10]) if subsample else None
+    x = data[idx] if subsample else data
+    loss = cls(**kwargs)
+    pyro.set_rng_seed(1)
+    loss.loss(model, guide, x, idx=idx, n_data=N)  # creates the parameters
+    names = ["decoder", "weight", "bias", "scale"]
+
+    pyro.set_rng_seed(2)
+    value = loss.loss(model, guide, x, idx=idx, n_data=N)
+    pyro.set_rng_seed(2)
+    returned = loss.loss_and_grads(model, guide, x, idx=idx, n_data=N)
+    grads = _grads(names)
+    assert isinstance(value, float) and isinstance(returned, float)
+    assert returned == pytest.approx(value, rel=1e-12, abs=1e-12)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    assert loss.last_terms and all(isinstance(v, float) for v in loss.last_terms.values())
+    with pytest.raises(ParticleChunkingError, match="loss_and_grads"):
+        loss.differentiable_loss(model, guide, x, idx=idx, n_data=N)
+
+
+@pytest.mark.parametrize("cls, kwargs", CHUNKED_SETTINGS)
+def test_chunked_svi(cls, kwargs, data):
+    """Check: SVI steps with a chunked loss; ELBOModule refuses it."""
+    loss = cls(**kwargs)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+    values = [svi.step(data) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(values)))
+    with pytest.raises(ParticleChunkingError):
+        loss(model, guide)(data)
