@@ -142,6 +142,10 @@ class ImportanceWeightedELBO(BoundELBO):
     >>> for x_batch, idx in loader:  # doctest: +SKIP
     ...     svi.step(x_batch, idx)
     ...     print(loss.last_terms["iw_bound"])
+
+    K = 1000 particles 100 at a time (same value and gradient, peak memory of 100 particles):
+
+    >>> big = ImportanceWeightedELBO(num_particles=1000, estimator="dreg", particle_chunk_size=100)
     """
 
     bound_term = "iw_bound"

@@ -113,6 +113,7 @@ class RenyiAlphaELBO(BoundELBO):
     >>> loss = RenyiAlphaELBO(num_particles=10, alpha=0.5, estimator="dreg")
     >>> svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)  # doctest: +SKIP
     >>> svi.step(x_batch)  # doctest: +SKIP
+    >>> chunked = RenyiAlphaELBO(num_particles=1000, alpha=0.5, particle_chunk_size=100)
     """
 
     bound_term = "renyi_bound"
