@@ -11,13 +11,13 @@ once the bound's coefficients are known:
         \mathrm{sg}(c_{m,k,n}) \, \nabla \log w_{m,k,n}
         + \mathrm{sg}(\sigma_{m,k,n}) \, \nabla \log q(z_{m,k,n})^{\text{non-reparam}} \Big],
 
-with :math:`s` the subsampling and user scale of the points,
-:math:`c = \partial f / \partial \log w` the bound's particle weights (``Bound.particle_weights``:
-the normalized weights :math:`\tilde w` for IWAE) and :math:`\sigma` the leave-one-out signals of
-the score-function sites (:func:`~pyro_vi_ext.infer._gradients.leave_one_out_signals`). DReG also
-rescales the gradient reaching each latent from :math:`c` to the path weight
-(``Bound.path_weights``: :math:`\tilde w^2` for IWAE). All coefficients depend on the log-weights of
-*every* particle, hence two passes:
+with :math:`s` the subsampling and user scale of the points, :math:`c = \partial f/\partial \log w`
+the bound's particle weights (``Bound.particle_weights``: the normalized weights :math:`\tilde w`
+for IWAE [1]_) and :math:`\sigma` the leave-one-out signals of the score-function sites [3]_
+(:func:`~pyro_vi_ext.infer._gradients.leave_one_out_signals`; with one particle per bound, the
+particle's own Rao-Blackwellized signals). DReG [2]_ also rescales the gradient reaching each
+latent from :math:`c` to the path weight (``Bound.path_weights``: :math:`\tilde w^2` for IWAE).
+All coefficients depend on the log-weights of *every* particle, hence two passes:
 
 1. under :func:`torch.no_grad`, each chunk is traced and its ``[C, P]`` log-weights kept, after
    recording the random state (torch's CPU and CUDA generators, Python's :mod:`random`, NumPy's
