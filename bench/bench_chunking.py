@@ -163,11 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for index, config in enumerate(configs):
         runs, reference = results[index], results[unchunked_of(config["estimator"])]
-        time_ratio = statistics.median(
-            r["cpu_ms"] / u["cpu_ms"] for r, u in zip(runs, reference, strict=True)
-        )
+        pairs = list(zip(runs, reference, strict=True))
+        time_ratio = statistics.median(run["cpu_ms"] / ref["cpu_ms"] for run, ref in pairs)
         memory_ratio = statistics.median(
-            r["peak_growth_mib"] / u["peak_growth_mib"] for r, u in zip(runs, reference, strict=True)
+            run["peak_growth_mib"] / ref["peak_growth_mib"] for run, ref in pairs
         )
         print(
             f"| {_label(config)} | {statistics.median(r['cpu_ms'] for r in runs):.0f} | "
