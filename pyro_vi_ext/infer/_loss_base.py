@@ -320,7 +320,11 @@ class BoundELBO(ParticleELBO):
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args, **kwargs
     ) -> torch.Tensor:
-        """Return the negative bound as a scalar tensor whose gradient is the chosen estimator."""
+        """Return the negative bound as a scalar tensor whose gradient is the chosen estimator.
+
+        Raises :class:`~pyro_vi_ext.infer._validation.ParticleChunkingError` while
+        ``particle_chunk_size`` splits the particles (the chunks run in ``loss_and_grads``).
+        """
         if self.splits_particles():
             raise _chunked.differentiable_loss_refusal(self)
         nesting = self._model_plate_nesting(model, guide, args, kwargs)
