@@ -273,16 +273,16 @@ class BoundELBO(ParticleELBO):
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Return the loss value as a float (chunk by chunk with ``particle_chunk_size``)."""
+        _validation.check_elbo_instance(self, "loss")
         if not self.splits_particles():
             return super().loss(model, guide, *args, **kwargs)
-        _validation.check_elbo_instance(self, "loss")
         return _checked_float(_chunked.guarded_chunked_loss(self, model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Accumulate the gradients (in chunks with ``particle_chunk_size``), return the value."""
+        _validation.check_elbo_instance(self, "loss_and_grads")
         if not self.splits_particles():
             return super().loss_and_grads(model, guide, *args, **kwargs)
-        _validation.check_elbo_instance(self, "loss_and_grads")
         value = _chunked.guarded_chunked_loss_and_grads(self, model, guide, *args, **kwargs)
         return _checked_float(value)
 
