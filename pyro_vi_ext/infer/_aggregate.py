@@ -137,6 +137,11 @@ class NormalCode:
         """
         return NormalCode(*(x.detach().clone() for x in (self.values, self.loc, self.scale)))
 
+    def log_density(self) -> torch.Tensor:
+        r"""Return :math:`\log q(z_i \mid x_i)`, ``[S, B]``: each row under its own column."""
+        normal = Normal(self.loc, self.scale, validate_args=False)
+        return normal.log_prob(self.values).sum(-1)
+
     def as_block(self) -> CodeBlock:
         """Return the code as one :class:`~pyro_vi_ext.infer._code_layout.CodeBlock`."""
         from pyro_vi_ext.infer._code_layout import CodeBlock

@@ -641,6 +641,73 @@ def code_log_densities(
     return log_q_code, log_p_code, log_jacobian
 
 
+def code_log_jacobian(
+    sources: Sequence[CodeSource], layout: CodeLayout, nesting: int, num_particles: int
+) -> torch.Tensor | None:
+    r"""Return the code's summed :math:`\log |\partial u / \partial z|`, ``[S, B]``.
+
+    As the third result of :func:`code_log_densities`, without computing the densities.
+
+    Parameters
+    ----------
+    sources : sequence of CodeSource
+        From :func:`code_sources`.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of every site, the particle plate included.
+    num_particles : int
+        ``S``.
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``None`` when no source is an autoguide's (no log-Jacobian).
+    """
+    total = None
+    for source in sources:
+        if source.log_jacobian is not None:
+            jacobian = _per_point(source.log_jacobian, layout, nesting, num_particles)
+            total = jacobian if total is None else total + jacobian
+    return total
+
+
+def normal_prior_blocks(
+    model_trace: Trace, layout: CodeLayout, nesting: int
+) -> list[CodeBlock] | None:
+    r"""Return the model's code sites as :class:`CodeBlock` s when every prior is a Normal.
+
+    The blocks hold the model's values and their prior densities :math:`p(z)` (an
+    ``Independent`` of ``Normal``), so that :math:`\log p(z_i)` can be evaluated later from plain
+    tensors. ``None`` when some code site's prior is another family.
+
+    Parameters
+    ----------
+    model_trace : pyro.poutine.Trace
+        The model's trace.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of every site, the particle plate included.
+
+    Returns
+    -------
+    list of CodeBlock or None
+    """
+    blocks = []
+    for name in layout.code_sites:
+        site = model_trace.nodes[name]
+        fn, value = site["fn"], site["value"]
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if not isinstance(base, Normal) or value.dim() != nesting + len(fn.event_shape):
+            return None
+        position = data_position(site, layout.plate, nesting)
+        blocks.append(CodeBlock(name, value, fn, position))
+    return blocks
+
+
 __all__ = [
     "CodeBlock",
     "CodeLayout",
@@ -648,9 +715,11 @@ __all__ = [
     "check_code_sites",
     "code_blocks",
     "code_log_densities",
+    "code_log_jacobian",
     "code_scale",
     "code_sources",
     "data_position",
     "find_code_layout",
+    "normal_prior_blocks",
     "packed_autoguide_subsampling",
 ]

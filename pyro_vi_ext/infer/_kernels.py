@@ -68,7 +68,8 @@ def canonical_normal(blocks: Sequence[CodeBlock]) -> tuple[torch.Tensor, torch.T
         for x, out in ((loc, locs), (scale, scales)):
             x = x.movedim(block.data_pos, 1)
             out.append(_shared_over_particles(x.reshape(x.shape[0], block.size, block.dim)))
-    if len({x.shape[0] for x in locs + scales}) > 1:
+    # int(): under torch.jit.trace sizes are tensors, which a set would not deduplicate
+    if len({int(x.shape[0]) for x in locs + scales}) > 1:
         locs = [x.expand(blocks[0].num_particles, *x.shape[1:]) for x in locs]
         scales = [x.expand(blocks[0].num_particles, *x.shape[1:]) for x in scales]
     if len(blocks) == 1:

@@ -38,9 +38,11 @@ from pyro_vi_ext.infer._code_layout import (
     check_code_sites,
     code_blocks,
     code_log_densities,
+    code_log_jacobian,
     code_scale,
     code_sources,
     find_code_layout,
+    normal_prior_blocks,
     packed_autoguide_subsampling,
 )
 from pyro_vi_ext.infer._loss_base import ParticleELBO
@@ -135,12 +137,17 @@ def reported_terms(
         }
 
 
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Return a detached copy (``None`` stays ``None``)."""
+    return None if tensor is None else tensor.detach().clone()
+
+
 _OUTPUT_PREFIX = "deferred:"
 
 
 @dataclass(frozen=True)
 class DeferredTerms:
-    """What one step's terms need, detached and copied, for evaluation when they are read.
+    r"""What one step's terms need, detached and copied, for evaluation when they are read.
 
     With unit weights the loss's value and gradient are the ELBO's, and the ``[B, B, D]``
     aggregate-posterior estimates only serve :attr:`DecomposedELBO.last_terms`; they are computed
@@ -152,8 +159,14 @@ class DeferredTerms:
     ----------
     code : NormalCode
         The code's samples and column parameters (a factorized Normal code).
-    log_q_code, log_p_code, log_w : torch.Tensor
-        ``[S, B]``, ``[S, B]``, ``[S]``: as for :func:`sample_terms` and :func:`reported_terms`.
+    prior : NormalCode or None
+        The model's values of the code sites and their Normal prior, from which
+        :math:`\log q(z_i \mid x_i)` and :math:`\log p(z_i)` are computed on read; ``None``
+        for another prior family (then ``log_q_code`` and ``log_p_code`` are given).
+    log_q_code, log_p_code : torch.Tensor or None
+        ``[S, B]``: as for :func:`sample_terms` (``None`` with ``prior``).
+    log_w : torch.Tensor
+        ``[S]``: as for :func:`reported_terms`.
     log_jacobian : torch.Tensor or None
         ``[S, B]``: an autoguide's log-Jacobian.
     code_weight, per_point : float
@@ -167,8 +180,9 @@ class DeferredTerms:
     """
 
     code: NormalCode
-    log_q_code: torch.Tensor
-    log_p_code: torch.Tensor
+    prior: NormalCode | None
+    log_q_code: torch.Tensor | None
+    log_p_code: torch.Tensor | None
     log_jacobian: torch.Tensor | None
     log_w: torch.Tensor
     code_weight: float
@@ -183,9 +197,13 @@ class DeferredTerms:
             log_agg, log_marg = normal_minibatch_log_aggregate(
                 self.code, self.aggregate, self.dataset_size, self.chunk_size
             )
-            terms = sample_terms(
-                self.log_q_code, self.log_p_code, log_agg, log_marg, self.log_jacobian
-            )
+            log_q_code, log_p_code = self.log_q_code, self.log_p_code
+            if self.prior is not None:
+                log_q_code = self.code.log_density()
+                if self.log_jacobian is not None:
+                    log_q_code = log_q_code + self.log_jacobian
+                log_p_code = self.prior.log_density()
+            terms = sample_terms(log_q_code, log_p_code, log_agg, log_marg, self.log_jacobian)
             reported = reported_terms(terms, self.log_w, self.code_weight, self.per_point)
         return {name: float(term) for name, term in reported.items()}
 
@@ -195,15 +213,21 @@ class DeferredTerms:
             "values": self.code.values,
             "loc": self.code.loc,
             "scale": self.code.scale,
-            "log_q_code": self.log_q_code,
-            "log_p_code": self.log_p_code,
             "log_w": self.log_w,
             "constants": torch.tensor(
                 [self.code_weight, self.per_point, float(self.dataset_size)], dtype=torch.float64
             ),
         }
-        if self.log_jacobian is not None:
-            tensors["log_jacobian"] = self.log_jacobian
+        if self.prior is not None:
+            tensors["prior_values"] = self.prior.values
+            tensors["prior_loc"] = self.prior.loc
+            tensors["prior_scale"] = self.prior.scale
+        optional = {
+            "log_q_code": self.log_q_code,
+            "log_p_code": self.log_p_code,
+            "log_jacobian": self.log_jacobian,
+        }
+        tensors.update({name: t for name, t in optional.items() if t is not None})
         return {_OUTPUT_PREFIX + name: tensor for name, tensor in tensors.items()}
 
     @staticmethod
@@ -218,10 +242,14 @@ class DeferredTerms:
         """Rebuild the snapshot from the tensors of :meth:`as_outputs`."""
         get = {name[len(_OUTPUT_PREFIX) :]: t for name, t in outputs.items()}
         code_weight, per_point, dataset_size = get["constants"].tolist()
+        prior = None
+        if "prior_values" in get:
+            prior = NormalCode(get["prior_values"], get["prior_loc"], get["prior_scale"])
         return cls(
             code=NormalCode(get["values"], get["loc"], get["scale"]),
-            log_q_code=get["log_q_code"],
-            log_p_code=get["log_p_code"],
+            prior=prior,
+            log_q_code=get.get("log_q_code"),
+            log_p_code=get.get("log_p_code"),
             log_jacobian=get.get("log_jacobian"),
             log_w=get["log_w"],
             code_weight=code_weight,
@@ -567,10 +595,6 @@ class DecomposedELBO(ParticleELBO):
         terms_grad = torch.is_grad_enabled() and not unit_weights
 
         sources = code_sources(guide, guide_trace, layout, model_trace)
-        with torch.set_grad_enabled(terms_grad):
-            log_q_code, log_p_code, log_jacobian = code_log_densities(
-                model_trace, sources, layout, nesting + 1, num_particles
-            )
         blocks = code_blocks(sources, layout, nesting + 1)
         log_w = weights.log_weights.sum(-1)  # [S]
         code_dim = sum(block.dim for block in blocks)
@@ -578,14 +602,26 @@ class DecomposedELBO(ParticleELBO):
 
         code = NormalCode.from_blocks(blocks) if unit_weights and self._defers_terms() else None
         if code is not None:
-            # the value is log w alone; the terms are computed when last_terms is read
+            # the value is log w alone; the terms are computed when last_terms is read, from
+            # copies of the code (and of a Normal prior, whose log p(z) is then deferred too)
+            prior_blocks = normal_prior_blocks(model_trace, layout, nesting + 1)
+            prior = None if prior_blocks is None else NormalCode.from_blocks(prior_blocks)
+            with torch.no_grad():
+                if prior is None:
+                    log_q_code, log_p_code, log_jacobian = code_log_densities(
+                        model_trace, sources, layout, nesting + 1, num_particles
+                    )
+                else:
+                    log_q_code = log_p_code = None
+                    log_jacobian = code_log_jacobian(sources, layout, nesting + 1, num_particles)
             self._defer_terms(
                 DeferredTerms(
                     code=code.detached_copy(),
-                    log_q_code=log_q_code.detach().clone(),
-                    log_p_code=log_p_code.detach().clone(),
-                    log_jacobian=None if log_jacobian is None else log_jacobian.detach().clone(),
-                    log_w=log_w.detach().clone(),
+                    prior=None if prior is None else prior.detached_copy(),
+                    log_q_code=_copy(log_q_code),
+                    log_p_code=_copy(log_p_code),
+                    log_jacobian=_copy(log_jacobian),
+                    log_w=_copy(log_w),
                     code_weight=c_code,
                     per_point=per_point,
                     dataset_size=n,
@@ -596,6 +632,9 @@ class DecomposedELBO(ParticleELBO):
             return -scale * log_w.mean()
 
         with torch.set_grad_enabled(terms_grad):
+            log_q_code, log_p_code, log_jacobian = code_log_densities(
+                model_trace, sources, layout, nesting + 1, num_particles
+            )
             log_agg, log_marg = minibatch_log_aggregate(blocks, self.aggregate, n, self.chunk_size)
         terms = sample_terms(log_q_code, log_p_code, log_agg, log_marg, log_jacobian)
 
