@@ -508,11 +508,22 @@ def data_position(site: dict, plate: str, batch_len: int) -> int:
     return batch_len + frame.dim
 
 
+def _with_particle_dim(value: torch.Tensor, fn: Distribution, nesting: int) -> torch.Tensor:
+    """Left-pad a value traced without particle plate to ``nesting`` batch dims (size 1).
+
+    The density is left as it is: its batch shape broadcasts against the padded value, and
+    :func:`~pyro_vi_ext.infer._kernels.canonical_normal` pads its parameters the same way.
+    """
+    missing = nesting + len(fn.event_shape) - value.dim()
+    return value.reshape((1,) * missing + tuple(value.shape)) if missing > 0 else value
+
+
 def code_blocks(
     sources: Sequence[CodeSource],
     layout: CodeLayout,
     nesting: int,
     column_mask: torch.Tensor | None = None,
+    particle_plate: bool = True,
 ) -> list[CodeBlock]:
     """Arrange the code sites of a traced batch as :class:`CodeBlock` s.
 
@@ -526,6 +537,10 @@ def code_blocks(
         Batch dims of every site, the particle plate included.
     column_mask : torch.Tensor, optional
         Boolean ``[B]``: columns to leave out of the aggregate.
+    particle_plate : bool
+        Whether the traces ran under the particle plate. Without it (one particle, traced as
+        ``Trace_ELBO`` does) each value gets leading dims of size 1 up to ``nesting`` batch
+        dims, so the blocks have the same ``[1, B, D_site]`` layout.
 
     Returns
     -------
@@ -534,6 +549,8 @@ def code_blocks(
     blocks = []
     for source in sources:
         value, event_dim = source.value, len(source.fn.event_shape)
+        if not particle_plate:
+            value = _with_particle_dim(value, source.fn, nesting)
         if value.dim() != nesting + event_dim:
             raise ValueError(
                 f"code site '{source.name}': value of shape {tuple(value.shape)} has "
@@ -600,7 +617,7 @@ def code_scale(model_trace: Trace, guide_trace: Trace, layout: CodeLayout) -> fl
 
 
 def _per_point(
-    log_prob: torch.Tensor, layout: CodeLayout, nesting: int, num_particles: int
+    log_prob: torch.Tensor, layout: CodeLayout, nesting: int, num_particles: int | None
 ) -> torch.Tensor:
     """Sum a site's batch log-density to ``[S, B]`` (particles, points of the data plate)."""
     return _reduce_to_points(log_prob, nesting, (layout.data_plate,), num_particles)
@@ -611,9 +628,22 @@ def code_log_densities(
     sources: Sequence[CodeSource],
     layout: CodeLayout,
     nesting: int,
-    num_particles: int,
+    num_particles: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""Per-point log-densities of the code, unscaled, ``[S, B]`` each.
+
+    Parameters
+    ----------
+    model_trace : pyro.poutine.Trace
+        The model's trace (the code sites' prior densities).
+    sources : sequence of CodeSource
+        From :func:`code_sources`.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of the traces: the particle plate included when there is one.
+    num_particles : int or None
+        ``S`` under the particle plate, ``None`` without one (the result is then ``[1, B]``).
 
     Returns
     -------
@@ -642,7 +672,7 @@ def code_log_densities(
 
 
 def code_log_jacobian(
-    sources: Sequence[CodeSource], layout: CodeLayout, nesting: int, num_particles: int
+    sources: Sequence[CodeSource], layout: CodeLayout, nesting: int, num_particles: int | None
 ) -> torch.Tensor | None:
     r"""Return the code's summed :math:`\log |\partial u / \partial z|`, ``[S, B]``.
 
@@ -655,9 +685,9 @@ def code_log_jacobian(
     layout : CodeLayout
         The data plate and code sites.
     nesting : int
-        Batch dims of every site, the particle plate included.
-    num_particles : int
-        ``S``.
+        Batch dims of the traces: the particle plate included when there is one.
+    num_particles : int or None
+        ``S`` under the particle plate, ``None`` without one (the result is then ``[1, B]``).
 
     Returns
     -------
@@ -673,7 +703,7 @@ def code_log_jacobian(
 
 
 def normal_prior_blocks(
-    model_trace: Trace, layout: CodeLayout, nesting: int
+    model_trace: Trace, layout: CodeLayout, nesting: int, particle_plate: bool = True
 ) -> list[CodeBlock] | None:
     r"""Return the model's code sites as :class:`CodeBlock` s when every prior is a Normal.
 
@@ -689,6 +719,8 @@ def normal_prior_blocks(
         The data plate and code sites.
     nesting : int
         Batch dims of every site, the particle plate included.
+    particle_plate : bool
+        Whether the traces ran under the particle plate (see :func:`code_blocks`).
 
     Returns
     -------
@@ -698,6 +730,8 @@ def normal_prior_blocks(
     for name in layout.code_sites:
         site = model_trace.nodes[name]
         fn, value = site["fn"], site["value"]
+        if not particle_plate:
+            value = _with_particle_dim(value, fn, nesting)
         base = fn
         while isinstance(base, Independent):
             base = base.base_dist

@@ -570,6 +570,9 @@ class DecomposedELBO(ParticleELBO):
                 kwargs,
                 num_particles=num_particles,
                 plate_nesting=nesting,
+                # one particle needs no particle plate (as Trace_ELBO): the same draws, and the
+                # model need not broadcast over a particle dim
+                vectorize=num_particles > 1,
                 structure_cache=self.structure_cache(),
             )
         except ValueError as error:
@@ -595,7 +598,10 @@ class DecomposedELBO(ParticleELBO):
         terms_grad = torch.is_grad_enabled() and not unit_weights
 
         sources = code_sources(guide, guide_trace, layout, model_trace)
-        blocks = code_blocks(sources, layout, nesting + 1)
+        particle_plate = weights.vectorized
+        # the code's log-densities reduce over the traces' own batch dims
+        window, leading = (nesting + 1, num_particles) if particle_plate else (nesting, None)
+        blocks = code_blocks(sources, layout, nesting + 1, particle_plate=particle_plate)
         log_w = weights.log_weights.sum(-1)  # [S]
         code_dim = sum(block.dim for block in blocks)
         self._record_shifts(n, code_dim, c_code * per_point * layout.size)
@@ -604,16 +610,16 @@ class DecomposedELBO(ParticleELBO):
         if code is not None:
             # the value is log w alone; the terms are computed when last_terms is read, from
             # copies of the code (and of a Normal prior, whose log p(z) is then deferred too)
-            prior_blocks = normal_prior_blocks(model_trace, layout, nesting + 1)
+            prior_blocks = normal_prior_blocks(model_trace, layout, nesting + 1, particle_plate)
             prior = None if prior_blocks is None else NormalCode.from_blocks(prior_blocks)
             with torch.no_grad():
                 if prior is None:
                     log_q_code, log_p_code, log_jacobian = code_log_densities(
-                        model_trace, sources, layout, nesting + 1, num_particles
+                        model_trace, sources, layout, window, leading
                     )
                 else:
                     log_q_code = log_p_code = None
-                    log_jacobian = code_log_jacobian(sources, layout, nesting + 1, num_particles)
+                    log_jacobian = code_log_jacobian(sources, layout, window, leading)
             self._defer_terms(
                 DeferredTerms(
                     code=code.detached_copy(),
@@ -633,7 +639,7 @@ class DecomposedELBO(ParticleELBO):
 
         with torch.set_grad_enabled(terms_grad):
             log_q_code, log_p_code, log_jacobian = code_log_densities(
-                model_trace, sources, layout, nesting + 1, num_particles
+                model_trace, sources, layout, window, leading
             )
             log_agg, log_marg = minibatch_log_aggregate(blocks, self.aggregate, n, self.chunk_size)
         terms = sample_terms(log_q_code, log_p_code, log_agg, log_marg, log_jacobian)

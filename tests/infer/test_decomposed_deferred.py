@@ -11,6 +11,8 @@ compiled path and through ``fit``.
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -303,3 +305,47 @@ def test_autoguide_and_other_priors_defer_equally(prior):
         results.append(out)
     _assert_same(*results)
     assert results[0][0][2]["total_correlation"] != 0.0
+
+
+@pytest.mark.parametrize("beta", [1.0, 4.0])
+def test_one_particle_needs_no_particle_plate(beta):
+    """K = 1 traces without particle plate (as Trace_ELBO): a 2-D-only model runs, same terms.
+
+    ``torch.mm`` needs a ``[B, D]`` code; with two particles the model sees ``[2, B, D]`` and
+    fails, so the one-particle result is checked against the terms written out by hand.
+    """
+    n, d = 10, 2
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 3, generator=generator)
+    weight = torch.randn(d, 3, generator=generator)
+    loc = torch.randn(n, d, generator=generator)
+    scale = 0.5 + torch.rand(n, d, generator=generator)
+
+    def model():
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+            pyro.sample("x", dist.Normal(torch.mm(z, weight), 1.0).to_event(1), obs=x)
+
+    captured = []
+
+    def guide():
+        with pyro.plate("data", n):
+            captured.append(pyro.sample("z", dist.Normal(loc, scale).to_event(1)))
+
+    loss = DecomposedELBO(beta=beta, aggregate="mws", max_plate_nesting=1, dataset_size=n)
+    torch.manual_seed(0)
+    value = loss.loss(model, guide)
+    z = captured[-1]
+    assert z.shape == (n, d)
+    pair = dist.Normal(loc, scale).log_prob(z[:, None, :])  # [n, n, d]
+    log_qz = torch.logsumexp(pair.sum(-1), -1) - 2 * math.log(n)
+    log_marg = (torch.logsumexp(pair, -2) - 2 * math.log(n)).sum(-1)
+    total_correlation = (log_qz - log_marg).mean()
+    assert loss.last_terms["total_correlation"] == pytest.approx(float(total_correlation), rel=1e-5)
+    log_w = dist.Normal(torch.mm(z, weight), 1.0).log_prob(x).sum(-1)
+    log_w = log_w + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_w = log_w - dist.Normal(loc, scale).log_prob(z).sum(-1)
+    expected = -(log_w.sum() - (beta - 1.0) * n * total_correlation)
+    assert value == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises((RuntimeError, ValueError)):
+        DecomposedELBO(num_particles=2, max_plate_nesting=1, dataset_size=n).loss(model, guide)
