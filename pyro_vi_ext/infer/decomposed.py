@@ -328,7 +328,9 @@ class DecomposedELBO(ParticleELBO):
     aggregate : {"mss", "mws"}
         Estimator of the aggregate posterior.
     num_particles : int
-        Particles ``S`` per data point (vectorized).
+        Particles ``S`` per data point, vectorized on a particle plate when ``S > 1``; one
+        particle is traced without it, as ``Trace_ELBO`` does (the model then need not
+        broadcast over a particle dim; the draws are the same).
     code_sites : sequence of str, optional
         The guide sites forming the code (default: every guide latent in the data plate,
         concatenated in trace order; an autoguide's auxiliary sites are looked through).
@@ -362,6 +364,10 @@ class DecomposedELBO(ParticleELBO):
         After each call: ``reconstruction``, ``index_code_mi``, ``total_correlation``,
         ``dimwise_kl`` and ``elbo`` (nats per data point, unweighted, on the step's samples;
         ``elbo`` = reconstruction - MI - TC - dim-wise KL = -loss / N when all weights are 1).
+        With all weights 1 the value and gradient need no aggregate-posterior term, so for a
+        factorized Normal code the step keeps a detached copy of its code (and of a Normal
+        prior) and the terms are computed, without gradient, when this is first read: the
+        same numbers, of that step, however many optimizer steps later.
     last_term_shifts : dict of str to float
         The constant each term of :attr:`last_terms` carries from the estimator (zero for MSS;
         the paper's :math:`\log N` multiples for MWS).
