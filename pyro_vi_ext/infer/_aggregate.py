@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributions import Normal
 from torch.utils.checkpoint import checkpoint
 
 from pyro_vi_ext.infer._kernels import (
@@ -98,6 +99,101 @@ def rows_per_chunk(chunk_size: int | None, num_particles: int, columns: int, dim
     return max(1, DEFAULT_BLOCK_ELEMENTS // max(1, num_particles * columns * dim))
 
 
+@dataclass(frozen=True)
+class NormalCode:
+    r"""A factorized Normal code of one traced batch as plain tensors.
+
+    Row ``i`` and column ``i`` are the same point: ``values[s, i]`` is the sample of point ``i``
+    and ``loc[:, j]``, ``scale[:, j]`` the parameters of :math:`q(z \mid x_j)`.
+
+    Attributes
+    ----------
+    values : torch.Tensor
+        ``[S, B, D]`` samples (code sites concatenated in trace order).
+    loc, scale : torch.Tensor
+        ``[S', B, D]`` column parameters, ``S'`` = 1 when shared by the particles.
+    """
+
+    values: torch.Tensor
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[CodeBlock]) -> NormalCode | None:
+        """Return the code of ``blocks`` when every block is an unmasked factorized Normal."""
+        if any(b.column_log_mask is not None for b in blocks):
+            return None
+        params = canonical_normal(blocks)
+        if params is None:
+            return None
+        values = torch.cat([b.values for b in blocks], -1) if len(blocks) > 1 else blocks[0].values
+        return cls(values, *params)
+
+    def detached_copy(self) -> NormalCode:
+        """Return a copy that shares no memory and no graph with this code.
+
+        The parameters of a guide (an autoguide's ``loc``) may be views of ``pyro.param``
+        tensors that an optimizer step changes in place; the copy keeps this step's values.
+        """
+        return NormalCode(*(x.detach().clone() for x in (self.values, self.loc, self.scale)))
+
+    def log_density(self) -> torch.Tensor:
+        r"""Return :math:`\log q(z_i \mid x_i)`, ``[S, B]``: each row under its own column."""
+        normal = Normal(self.loc, self.scale, validate_args=False)
+        return normal.log_prob(self.values).sum(-1)
+
+    def as_block(self) -> CodeBlock:
+        """Return the code as one :class:`~pyro_vi_ext.infer._code_layout.CodeBlock`."""
+        from pyro_vi_ext.infer._code_layout import CodeBlock
+
+        density = Normal(self.loc, self.scale, validate_args=False).to_event(1)
+        return CodeBlock("code", self.values, density, data_pos=1)
+
+
+def _fused_normal_aggregate(
+    code: NormalCode, estimator: str, dataset_size: int, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return the fused kernel's estimates (``None`` if a density ratio left the float range)."""
+    num_particles, size = code.values.shape[:2]
+    step = chunk_size or max(1, FAST_BLOCK_ELEMENTS // (num_particles * size))
+    joint, marginal = NormalMinibatchAggregate.apply(
+        code.values, code.loc, code.scale, dataset_size, estimator == "mss", step
+    )
+    if bool(torch.isfinite(joint).all()) and bool(torch.isfinite(marginal).all()):
+        return joint, marginal
+    return None
+
+
+def normal_minibatch_log_aggregate(
+    code: NormalCode, estimator: str, dataset_size: int, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""As :func:`minibatch_log_aggregate` for a :class:`NormalCode` (fused kernel first).
+
+    Parameters
+    ----------
+    code : NormalCode
+        Samples and column parameters of the batch.
+    estimator : {"mss", "mws"}
+        The aggregate-posterior estimator.
+    dataset_size : int
+        :math:`N`.
+    chunk_size : int, optional
+        Rows per block (default: automatic).
+
+    Returns
+    -------
+    joint : torch.Tensor
+        ``[S, B]``: the estimate of :math:`\log q(z_i)`.
+    marginal : torch.Tensor
+        ``[S, B, D]``: the estimates of :math:`\log q(z_{i,d})`.
+    """
+    result = _fused_normal_aggregate(code, estimator, dataset_size, chunk_size)
+    if result is not None:
+        return result
+    # a density ratio beyond the float range: the log-sum-exp path is exact
+    return _generic_minibatch_log_aggregate([code.as_block()], estimator, dataset_size, chunk_size)
+
+
 def minibatch_log_aggregate(
     blocks: Sequence[CodeBlock],
     estimator: str,
@@ -110,26 +206,18 @@ def minibatch_log_aggregate(
     ``"mws"``: ``logsumexp_j log q(z_i | x_j) - log(N B)`` (Chen et al.'s form, also per dim).
     ``"mss"``: ``logsumexp_j (log W_ij + log q(z_i | x_j))`` and per dim with the same ``W``.
 
-    Factorized Normal codes go through :class:`_NormalMinibatchAggregate` (chunked forward,
+    Factorized Normal codes go through :class:`NormalMinibatchAggregate` (chunked forward,
     analytic chunked backward, nothing of size ``B^2`` kept); other guides evaluate their
     ``log_prob`` on ``[rows, S, B, D]`` blocks, ``chunk_size`` rows at a time (default: blocks of
     at most :data:`DEFAULT_BLOCK_ELEMENTS`), each checkpointed under autograd. ``fast=False``
     forces the general path.
     """
     if fast:
-        params = None
-        if all(b.column_log_mask is None for b in blocks):
-            params = canonical_normal(blocks)
-        if params is not None:
-            z = torch.cat([b.values for b in blocks], -1) if len(blocks) > 1 else blocks[0].values
-            loc, scale = params
-            size = z.shape[1]
-            step = chunk_size or max(1, FAST_BLOCK_ELEMENTS // (z.shape[0] * size))
-            joint, marginal = NormalMinibatchAggregate.apply(
-                z, loc, scale, dataset_size, estimator == "mss", step
-            )
-            if bool(torch.isfinite(joint).all()) and bool(torch.isfinite(marginal).all()):
-                return joint, marginal
+        code = NormalCode.from_blocks(blocks)
+        if code is not None:
+            result = _fused_normal_aggregate(code, estimator, dataset_size, chunk_size)
+            if result is not None:
+                return result
             # a density ratio beyond the float range: the log-sum-exp path below is exact
     return _generic_minibatch_log_aggregate(blocks, estimator, dataset_size, chunk_size)
 

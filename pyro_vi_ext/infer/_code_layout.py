@@ -508,11 +508,22 @@ def data_position(site: dict, plate: str, batch_len: int) -> int:
     return batch_len + frame.dim
 
 
+def _with_particle_dim(value: torch.Tensor, fn: Distribution, nesting: int) -> torch.Tensor:
+    """Left-pad a value traced without particle plate to ``nesting`` batch dims (size 1).
+
+    The density is left as it is: its batch shape broadcasts against the padded value, and
+    :func:`~pyro_vi_ext.infer._kernels.canonical_normal` pads its parameters the same way.
+    """
+    missing = nesting + len(fn.event_shape) - value.dim()
+    return value.reshape((1,) * missing + tuple(value.shape)) if missing > 0 else value
+
+
 def code_blocks(
     sources: Sequence[CodeSource],
     layout: CodeLayout,
     nesting: int,
     column_mask: torch.Tensor | None = None,
+    particle_plate: bool = True,
 ) -> list[CodeBlock]:
     """Arrange the code sites of a traced batch as :class:`CodeBlock` s.
 
@@ -526,6 +537,10 @@ def code_blocks(
         Batch dims of every site, the particle plate included.
     column_mask : torch.Tensor, optional
         Boolean ``[B]``: columns to leave out of the aggregate.
+    particle_plate : bool
+        Whether the traces ran under the particle plate. Without it (one particle, traced as
+        ``Trace_ELBO`` does) each value gets leading dims of size 1 up to ``nesting`` batch
+        dims, so the blocks have the same ``[1, B, D_site]`` layout.
 
     Returns
     -------
@@ -534,6 +549,8 @@ def code_blocks(
     blocks = []
     for source in sources:
         value, event_dim = source.value, len(source.fn.event_shape)
+        if not particle_plate:
+            value = _with_particle_dim(value, source.fn, nesting)
         if value.dim() != nesting + event_dim:
             raise ValueError(
                 f"code site '{source.name}': value of shape {tuple(value.shape)} has "
@@ -600,7 +617,7 @@ def code_scale(model_trace: Trace, guide_trace: Trace, layout: CodeLayout) -> fl
 
 
 def _per_point(
-    log_prob: torch.Tensor, layout: CodeLayout, nesting: int, num_particles: int
+    log_prob: torch.Tensor, layout: CodeLayout, nesting: int, num_particles: int | None
 ) -> torch.Tensor:
     """Sum a site's batch log-density to ``[S, B]`` (particles, points of the data plate)."""
     return _reduce_to_points(log_prob, nesting, (layout.data_plate,), num_particles)
@@ -611,9 +628,22 @@ def code_log_densities(
     sources: Sequence[CodeSource],
     layout: CodeLayout,
     nesting: int,
-    num_particles: int,
+    num_particles: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""Per-point log-densities of the code, unscaled, ``[S, B]`` each.
+
+    Parameters
+    ----------
+    model_trace : pyro.poutine.Trace
+        The model's trace (the code sites' prior densities).
+    sources : sequence of CodeSource
+        From :func:`code_sources`.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of the traces: the particle plate included when there is one.
+    num_particles : int or None
+        ``S`` under the particle plate, ``None`` without one (the result is then ``[1, B]``).
 
     Returns
     -------
@@ -641,6 +671,77 @@ def code_log_densities(
     return log_q_code, log_p_code, log_jacobian
 
 
+def code_log_jacobian(
+    sources: Sequence[CodeSource], layout: CodeLayout, nesting: int, num_particles: int | None
+) -> torch.Tensor | None:
+    r"""Return the code's summed :math:`\log |\partial u / \partial z|`, ``[S, B]``.
+
+    As the third result of :func:`code_log_densities`, without computing the densities.
+
+    Parameters
+    ----------
+    sources : sequence of CodeSource
+        From :func:`code_sources`.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of the traces: the particle plate included when there is one.
+    num_particles : int or None
+        ``S`` under the particle plate, ``None`` without one (the result is then ``[1, B]``).
+
+    Returns
+    -------
+    torch.Tensor or None
+        ``None`` when no source is an autoguide's (no log-Jacobian).
+    """
+    total = None
+    for source in sources:
+        if source.log_jacobian is not None:
+            jacobian = _per_point(source.log_jacobian, layout, nesting, num_particles)
+            total = jacobian if total is None else total + jacobian
+    return total
+
+
+def normal_prior_blocks(
+    model_trace: Trace, layout: CodeLayout, nesting: int, particle_plate: bool = True
+) -> list[CodeBlock] | None:
+    r"""Return the model's code sites as :class:`CodeBlock` s when every prior is a Normal.
+
+    The blocks hold the model's values and their prior densities :math:`p(z)` (an
+    ``Independent`` of ``Normal``), so that :math:`\log p(z_i)` can be evaluated later from plain
+    tensors. ``None`` when some code site's prior is another family.
+
+    Parameters
+    ----------
+    model_trace : pyro.poutine.Trace
+        The model's trace.
+    layout : CodeLayout
+        The data plate and code sites.
+    nesting : int
+        Batch dims of every site, the particle plate included.
+    particle_plate : bool
+        Whether the traces ran under the particle plate (see :func:`code_blocks`).
+
+    Returns
+    -------
+    list of CodeBlock or None
+    """
+    blocks = []
+    for name in layout.code_sites:
+        site = model_trace.nodes[name]
+        fn, value = site["fn"], site["value"]
+        if not particle_plate:
+            value = _with_particle_dim(value, fn, nesting)
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if not isinstance(base, Normal) or value.dim() != nesting + len(fn.event_shape):
+            return None
+        position = data_position(site, layout.plate, nesting)
+        blocks.append(CodeBlock(name, value, fn, position))
+    return blocks
+
+
 __all__ = [
     "CodeBlock",
     "CodeLayout",
@@ -648,9 +749,11 @@ __all__ = [
     "check_code_sites",
     "code_blocks",
     "code_log_densities",
+    "code_log_jacobian",
     "code_scale",
     "code_sources",
     "data_position",
     "find_code_layout",
+    "normal_prior_blocks",
     "packed_autoguide_subsampling",
 ]

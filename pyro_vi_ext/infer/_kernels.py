@@ -66,9 +66,13 @@ def canonical_normal(blocks: Sequence[CodeBlock]) -> tuple[torch.Tensor, torch.T
             return None
         loc, scale = torch.broadcast_tensors(block.marginal.loc, block.marginal.scale)
         for x, out in ((loc, locs), (scale, scales)):
+            missing = 2 + len(block.rest_shape) - x.dim()  # a value padded with a particle dim
+            if missing > 0:
+                x = x.reshape((1,) * missing + tuple(x.shape))
             x = x.movedim(block.data_pos, 1)
             out.append(_shared_over_particles(x.reshape(x.shape[0], block.size, block.dim)))
-    if len({x.shape[0] for x in locs + scales}) > 1:
+    # int(): under torch.jit.trace sizes are tensors, which a set would not deduplicate
+    if len({int(x.shape[0]) for x in locs + scales}) > 1:
         locs = [x.expand(blocks[0].num_particles, *x.shape[1:]) for x in locs]
         scales = [x.expand(blocks[0].num_particles, *x.shape[1:]) for x in scales]
     if len(blocks) == 1:

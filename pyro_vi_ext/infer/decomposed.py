@@ -21,23 +21,28 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from pyro_vi_ext.infer._aggregate import (
     AGGREGATE_ESTIMATORS,
+    NormalCode,
     SampleTerms,
     minibatch_log_aggregate,
+    normal_minibatch_log_aggregate,
 )
 from pyro_vi_ext.infer._code_layout import (
     CodeLayout,
     check_code_sites,
     code_blocks,
     code_log_densities,
+    code_log_jacobian,
     code_scale,
     code_sources,
     find_code_layout,
+    normal_prior_blocks,
     packed_autoguide_subsampling,
 )
 from pyro_vi_ext.infer._loss_base import ParticleELBO
@@ -61,6 +66,198 @@ def _check_weight(name: str, weight: Weight) -> Weight:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {weight!r}")
     return value
+
+
+def sample_terms(
+    log_q_code: torch.Tensor,
+    log_p_code: torch.Tensor,
+    log_aggregate: torch.Tensor,
+    log_marginals: torch.Tensor,
+    log_jacobian: torch.Tensor | None,
+) -> SampleTerms:
+    r"""Assemble the per-sample terms from the code's densities and the aggregate estimates.
+
+    Parameters
+    ----------
+    log_q_code, log_p_code : torch.Tensor
+        ``[S, B]``: :math:`\log q(z_i \mid x_i)` and :math:`\log p(z_i)`.
+    log_aggregate : torch.Tensor
+        ``[S, B]``: the estimate of :math:`\log q(z_i)` (on the unconstrained code).
+    log_marginals : torch.Tensor
+        ``[S, B, D]``: the estimates of :math:`\log q(z_{i,d})` (on the unconstrained code).
+    log_jacobian : torch.Tensor or None
+        ``[S, B]``: an autoguide's log-Jacobian, added to both estimates.
+
+    Returns
+    -------
+    SampleTerms
+    """
+    log_marginals = log_marginals.sum(-1)
+    if log_jacobian is not None:
+        log_aggregate, log_marginals = log_aggregate + log_jacobian, log_marginals + log_jacobian
+    return SampleTerms(log_q_code, log_p_code, log_aggregate, log_marginals)
+
+
+def reported_terms(
+    terms: SampleTerms, log_w: torch.Tensor, code_weight: float, per_point: float
+) -> dict[str, torch.Tensor]:
+    """Return the terms of :attr:`DecomposedELBO.last_terms` as 0-d tensors (no gradient).
+
+    Each is a mean over particles of the sum over the batch, times ``per_point`` (the loss scale
+    over :math:`N`); the code's terms also carry ``code_weight`` (its user scale).
+
+    Parameters
+    ----------
+    terms : SampleTerms
+        ``[S, B]`` per-sample terms.
+    log_w : torch.Tensor
+        ``[S]``: the log-weight of each particle, summed over the batch.
+    code_weight : float
+        The factor left on the code's log-densities in ``log_w``.
+    per_point : float
+        Loss scale over the dataset size.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``reconstruction``, ``index_code_mi``, ``total_correlation``, ``dimwise_kl``, ``elbo``.
+    """
+    with torch.no_grad():
+        mi = code_weight * terms.index_code_mi.sum(-1).mean()
+        tc = code_weight * terms.total_correlation.sum(-1).mean()
+        dwkl = code_weight * terms.dimwise_kl.sum(-1).mean()
+        elbo = log_w.mean()
+        recon = elbo + mi + tc + dwkl
+        return {
+            "reconstruction": recon * per_point,
+            "index_code_mi": mi * per_point,
+            "total_correlation": tc * per_point,
+            "dimwise_kl": dwkl * per_point,
+            "elbo": elbo * per_point,
+        }
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Return a detached copy (``None`` stays ``None``)."""
+    return None if tensor is None else tensor.detach().clone()
+
+
+_OUTPUT_PREFIX = "deferred:"
+
+
+@dataclass(frozen=True)
+class DeferredTerms:
+    r"""What one step's terms need, detached and copied, for evaluation when they are read.
+
+    With unit weights the loss's value and gradient are the ELBO's, and the ``[B, B, D]``
+    aggregate-posterior estimates only serve :attr:`DecomposedELBO.last_terms`; they are computed
+    from this snapshot on first read, without gradient. Every tensor is a copy that shares no
+    memory with the step's graph or with the parameters (which optimizer steps change in place),
+    so a read after later steps still gives this step's terms.
+
+    Attributes
+    ----------
+    code : NormalCode
+        The code's samples and column parameters (a factorized Normal code).
+    prior : NormalCode or None
+        The model's values of the code sites and their Normal prior, from which
+        :math:`\log q(z_i \mid x_i)` and :math:`\log p(z_i)` are computed on read; ``None``
+        for another prior family (then ``log_q_code`` and ``log_p_code`` are given).
+    log_q_code, log_p_code : torch.Tensor or None
+        ``[S, B]``: as for :func:`sample_terms` (``None`` with ``prior``).
+    log_w : torch.Tensor
+        ``[S]``: as for :func:`reported_terms`.
+    log_jacobian : torch.Tensor or None
+        ``[S, B]``: an autoguide's log-Jacobian.
+    code_weight, per_point : float
+        As for :func:`reported_terms`.
+    dataset_size : int
+        :math:`N`.
+    aggregate : {"mss", "mws"}
+        The aggregate-posterior estimator.
+    chunk_size : int or None
+        Rows per block of the kernel.
+    """
+
+    code: NormalCode
+    prior: NormalCode | None
+    log_q_code: torch.Tensor | None
+    log_p_code: torch.Tensor | None
+    log_jacobian: torch.Tensor | None
+    log_w: torch.Tensor
+    code_weight: float
+    per_point: float
+    dataset_size: int
+    aggregate: str
+    chunk_size: int | None
+
+    def evaluate(self) -> dict[str, float]:
+        """Compute the reported terms (nats per data point) from the snapshot."""
+        with torch.no_grad():
+            log_agg, log_marg = normal_minibatch_log_aggregate(
+                self.code, self.aggregate, self.dataset_size, self.chunk_size
+            )
+            log_q_code, log_p_code = self.log_q_code, self.log_p_code
+            if self.prior is not None:
+                log_q_code = self.code.log_density()
+                if self.log_jacobian is not None:
+                    log_q_code = log_q_code + self.log_jacobian
+                log_p_code = self.prior.log_density()
+            terms = sample_terms(log_q_code, log_p_code, log_agg, log_marg, self.log_jacobian)
+            reported = reported_terms(terms, self.log_w, self.code_weight, self.per_point)
+        return {name: float(term) for name, term in reported.items()}
+
+    def as_outputs(self) -> dict[str, torch.Tensor]:
+        """Return the snapshot as named tensors (the outputs of a compiled graph)."""
+        tensors = {
+            "values": self.code.values,
+            "loc": self.code.loc,
+            "scale": self.code.scale,
+            "log_w": self.log_w,
+            "constants": torch.tensor(
+                [self.code_weight, self.per_point, float(self.dataset_size)], dtype=torch.float64
+            ),
+        }
+        if self.prior is not None:
+            tensors["prior_values"] = self.prior.values
+            tensors["prior_loc"] = self.prior.loc
+            tensors["prior_scale"] = self.prior.scale
+        optional = {
+            "log_q_code": self.log_q_code,
+            "log_p_code": self.log_p_code,
+            "log_jacobian": self.log_jacobian,
+        }
+        tensors.update({name: t for name, t in optional.items() if t is not None})
+        return {_OUTPUT_PREFIX + name: tensor for name, tensor in tensors.items()}
+
+    @staticmethod
+    def is_outputs(outputs: dict[str, torch.Tensor]) -> bool:
+        """Whether ``outputs`` hold a snapshot written by :meth:`as_outputs`."""
+        return _OUTPUT_PREFIX + "values" in outputs
+
+    @classmethod
+    def from_outputs(
+        cls, outputs: dict[str, torch.Tensor], aggregate: str, chunk_size: int | None
+    ) -> DeferredTerms:
+        """Rebuild the snapshot from the tensors of :meth:`as_outputs`."""
+        get = {name[len(_OUTPUT_PREFIX) :]: t for name, t in outputs.items()}
+        code_weight, per_point, dataset_size = get["constants"].tolist()
+        prior = None
+        if "prior_values" in get:
+            prior = NormalCode(get["prior_values"], get["prior_loc"], get["prior_scale"])
+        return cls(
+            code=NormalCode(get["values"], get["loc"], get["scale"]),
+            prior=prior,
+            log_q_code=get.get("log_q_code"),
+            log_p_code=get.get("log_p_code"),
+            log_jacobian=get.get("log_jacobian"),
+            log_w=get["log_w"],
+            code_weight=code_weight,
+            per_point=per_point,
+            dataset_size=round(dataset_size),
+            aggregate=aggregate,
+            chunk_size=chunk_size,
+        )
 
 
 class DecomposedELBO(ParticleELBO):
@@ -131,7 +328,9 @@ class DecomposedELBO(ParticleELBO):
     aggregate : {"mss", "mws"}
         Estimator of the aggregate posterior.
     num_particles : int
-        Particles ``S`` per data point (vectorized).
+        Particles ``S`` per data point, vectorized on a particle plate when ``S > 1``; one
+        particle is traced without it, as ``Trace_ELBO`` does (the model then need not
+        broadcast over a particle dim; the draws are the same).
     code_sites : sequence of str, optional
         The guide sites forming the code (default: every guide latent in the data plate,
         concatenated in trace order; an autoguide's auxiliary sites are looked through).
@@ -165,6 +364,10 @@ class DecomposedELBO(ParticleELBO):
         After each call: ``reconstruction``, ``index_code_mi``, ``total_correlation``,
         ``dimwise_kl`` and ``elbo`` (nats per data point, unweighted, on the step's samples;
         ``elbo`` = reconstruction - MI - TC - dim-wise KL = -loss / N when all weights are 1).
+        With all weights 1 the value and gradient need no aggregate-posterior term, so for a
+        factorized Normal code the step keeps a detached copy of its code (and of a Normal
+        prior) and the terms are computed, without gradient, when this is first read: the
+        same numbers, of that step, however many optimizer steps later.
     last_term_shifts : dict of str to float
         The constant each term of :attr:`last_terms` carries from the estimator (zero for MSS;
         the paper's :math:`\log N` multiples for MWS).
@@ -373,6 +576,9 @@ class DecomposedELBO(ParticleELBO):
                 kwargs,
                 num_particles=num_particles,
                 plate_nesting=nesting,
+                # one particle needs no particle plate (as Trace_ELBO): the same draws, and the
+                # model need not broadcast over a particle dim
+                vectorize=num_particles > 1,
                 structure_cache=self.structure_cache(),
             )
         except ValueError as error:
@@ -386,36 +592,71 @@ class DecomposedELBO(ParticleELBO):
         n = self._dataset_size(layout)
         scale = self._loss_scale(weights, layout, n)
         c_code = code_scale(model_trace, guide_trace, layout)
-
-        sources = code_sources(guide, guide_trace, layout, model_trace)
-        log_q_code, log_p_code, log_jacobian = code_log_densities(
-            model_trace, sources, layout, nesting + 1, num_particles
-        )
-        blocks = code_blocks(sources, layout, nesting + 1)
+        per_point = scale / n
         extra = {
             "index_code_mi": 1.0 - weights_now["alpha"],
             "total_correlation": 1.0 - weights_now["beta"],
             "dimwise_kl": 1.0 - weights_now["gamma"],
         }
-        needs_grad = torch.is_grad_enabled() and any(c != 0.0 for c in extra.values())
-        with torch.set_grad_enabled(needs_grad):
+        # with unit weights the objective is log w alone: the code's densities and the
+        # aggregate-posterior terms only serve the report, so they take no part in the graph
+        unit_weights = all(c == 0.0 for c in extra.values())
+        terms_grad = torch.is_grad_enabled() and not unit_weights
+
+        sources = code_sources(guide, guide_trace, layout, model_trace)
+        particle_plate = weights.vectorized
+        # the code's log-densities reduce over the traces' own batch dims
+        window, leading = (nesting + 1, num_particles) if particle_plate else (nesting, None)
+        blocks = code_blocks(sources, layout, nesting + 1, particle_plate=particle_plate)
+        log_w = weights.log_weights.sum(-1)  # [S]
+        code_dim = sum(block.dim for block in blocks)
+        self._record_shifts(n, code_dim, c_code * per_point * layout.size)
+
+        code = NormalCode.from_blocks(blocks) if unit_weights and self._defers_terms() else None
+        if code is not None:
+            # the value is log w alone; the terms are computed when last_terms is read, from
+            # copies of the code (and of a Normal prior, whose log p(z) is then deferred too)
+            prior_blocks = normal_prior_blocks(model_trace, layout, nesting + 1, particle_plate)
+            prior = None if prior_blocks is None else NormalCode.from_blocks(prior_blocks)
+            with torch.no_grad():
+                if prior is None:
+                    log_q_code, log_p_code, log_jacobian = code_log_densities(
+                        model_trace, sources, layout, window, leading
+                    )
+                else:
+                    log_q_code = log_p_code = None
+                    log_jacobian = code_log_jacobian(sources, layout, window, leading)
+            self._defer_terms(
+                DeferredTerms(
+                    code=code.detached_copy(),
+                    prior=None if prior is None else prior.detached_copy(),
+                    log_q_code=_copy(log_q_code),
+                    log_p_code=_copy(log_p_code),
+                    log_jacobian=_copy(log_jacobian),
+                    log_w=_copy(log_w),
+                    code_weight=c_code,
+                    per_point=per_point,
+                    dataset_size=n,
+                    aggregate=self.aggregate,
+                    chunk_size=self.chunk_size,
+                )
+            )
+            return -scale * log_w.mean()
+
+        with torch.set_grad_enabled(terms_grad):
+            log_q_code, log_p_code, log_jacobian = code_log_densities(
+                model_trace, sources, layout, window, leading
+            )
             log_agg, log_marg = minibatch_log_aggregate(blocks, self.aggregate, n, self.chunk_size)
-        log_marg = log_marg.sum(-1)
-        if log_jacobian is not None:
-            log_agg, log_marg = log_agg + log_jacobian, log_marg + log_jacobian
-        terms = SampleTerms(log_q_code, log_p_code, log_agg, log_marg)
+        terms = sample_terms(log_q_code, log_p_code, log_agg, log_marg, log_jacobian)
 
         # objective = log w + sum_t (1 - weight_t) * term_t: exactly the ELBO when weights are 1
-        log_w = weights.log_weights.sum(-1)  # [S]
         objective = log_w
         for name, coefficient in extra.items():
             if coefficient != 0.0:
                 objective = objective + (c_code * coefficient) * getattr(terms, name).sum(-1)
         value = -scale * objective.mean()
-        per_point = scale / n
-        self._record_terms(terms, log_w, c_code, per_point)
-        code_dim = sum(block.dim for block in blocks)
-        self._record_shifts(n, code_dim, c_code * per_point * layout.size)
+        self._set_terms(reported_terms(terms, log_w, c_code, per_point))
         return value
 
     def loss_terms(self, model: Callable, guide: Callable, *args, **kwargs) -> dict[str, float]:
@@ -505,24 +746,42 @@ class DecomposedELBO(ParticleELBO):
         declared = dataclasses.replace(plate, full_size=n)
         return weights.scale * declared.subsample_factor
 
-    def _record_terms(
-        self, terms: SampleTerms, log_w: torch.Tensor, c_code: float, per_point: float
-    ) -> None:
-        with torch.no_grad():
-            mi = c_code * terms.index_code_mi.sum(-1).mean()
-            tc = c_code * terms.total_correlation.sum(-1).mean()
-            dwkl = c_code * terms.dimwise_kl.sum(-1).mean()
-            elbo = log_w.mean()
-            recon = elbo + mi + tc + dwkl
-            self._set_terms(
-                {
-                    "reconstruction": recon * per_point,
-                    "index_code_mi": mi * per_point,
-                    "total_correlation": tc * per_point,
-                    "dimwise_kl": dwkl * per_point,
-                    "elbo": elbo * per_point,
-                }
-            )
+    def _defers_terms(self) -> bool:
+        """Whether unit weights may defer the aggregate-posterior terms to the first read.
+
+        Always True; a subclass returning False computes them at every step (the tests compare
+        the two).
+        """
+        return True
+
+    def _defer_terms(self, deferred: DeferredTerms) -> None:
+        if self._deferred_terms is not None:  # compiled: the graph returns the snapshot
+            self._set_terms(deferred.as_outputs())
+        else:
+            self.last_terms = {}
+            self._pending_terms = deferred
+
+    def set_compiled_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        """Set :attr:`last_terms` from a compiled graph's outputs (a deferred snapshot or terms)."""
+        if DeferredTerms.is_outputs(terms):
+            self.last_terms = {}
+            self._pending_terms = DeferredTerms.from_outputs(terms, self.aggregate, self.chunk_size)
+        else:
+            super().set_compiled_terms(terms)
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        """The terms of the last call (see the class's Attributes), computed on first read."""
+        pending = self._pending_terms
+        if pending is not None:
+            self._pending_terms = None
+            self._last_terms = pending.evaluate()
+        return self._last_terms
+
+    @last_terms.setter
+    def last_terms(self, terms: dict[str, float]) -> None:
+        self._pending_terms = None
+        self._last_terms = terms
 
     def _record_shifts(self, n: int, code_dim: int, weight: float) -> None:
         shift = math.log(n) * weight if self.aggregate == "mws" else 0.0
@@ -535,4 +794,4 @@ class DecomposedELBO(ParticleELBO):
         }
 
 
-__all__ = ["TERMS", "DecomposedELBO"]
+__all__ = ["TERMS", "DecomposedELBO", "DeferredTerms", "reported_terms", "sample_terms"]

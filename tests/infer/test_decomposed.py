@@ -266,6 +266,7 @@ def test_low_rank_multivariate_normal_guide_matches_brute_force():
     loss = DecomposedELBO(max_plate_nesting=1)
     loss.loss(model, guide, batch_size=b)
     idx, z = capture[-1]
+    z = z.reshape(-1, b, d)  # [S, B, D]: one particle is drawn without particle plate
     q = torch.distributions.LowRankMultivariateNormal(loc[idx], factor[idx], scale[idx] ** 2)
     log_w = _aggregate.mss_log_weights(torch.arange(b), b, n, z.dtype)
     joint = torch.logsumexp(q.log_prob(z[:, :, None, :]) + log_w, -1)

@@ -7,6 +7,7 @@ kernel against the general path (values and gradients), gradcheck, and the overf
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -126,3 +127,26 @@ def test_overflowing_density_ratio_falls_back_to_log_sum_exp():
     expected = torch.logsumexp(pair.sum(-1) + log_w, -1)
     assert torch.isfinite(joint).all() and torch.isfinite(marg).all()
     torch.testing.assert_close(joint.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_parameters_shared_by_the_particles_stay_shared_under_jit_trace():
+    """A traced graph passes ``[1, B, D]`` parameters to the kernel, not ``[S, B, D]`` copies.
+
+    Under ``torch.jit.trace`` sizes are tensors; comparing them by identity would expand the
+    shared parameters to every particle (S times the work of the kernel's column sums).
+    """
+
+    def columns(loc, scale):
+        value = (loc + scale).expand(5, 4, 3)
+        density = dist.Normal(loc, scale).to_event(1).expand([5, 4])
+        return _kernels.canonical_normal([_code_layout.CodeBlock("z", value, density, data_pos=1)])
+
+    loc, scale = torch.randn(4, 3), torch.rand(4, 3) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(columns, (loc, scale), check_trace=False)
+    for fn in (columns, traced):
+        traced_loc, traced_scale = fn(loc, scale)
+        assert traced_loc.shape == traced_scale.shape == (1, 4, 3)
+        torch.testing.assert_close(traced_loc[0], loc)
+        torch.testing.assert_close(traced_scale[0], scale)
