@@ -29,6 +29,7 @@ warning saying why is given once, otherwise the eager error is raised as without
 from __future__ import annotations
 
 import contextlib
+import shutil
 import warnings
 from collections.abc import Callable
 
@@ -110,11 +111,32 @@ class _Trace:
         self.graph = graph
 
 
+class _Inputs:
+    """What one capturing run reaches: parameter names and leaves, argument tensors, RNG state."""
+
+    def __init__(
+        self,
+        param_names: list[str],
+        module_leaves: list[torch.Tensor],
+        leaves: list[torch.Tensor],
+        arg_tensors: list[torch.Tensor],
+        rng: tuple,
+    ):
+        self.param_names = param_names
+        self.module_leaves = module_leaves
+        self.leaves = leaves
+        self.arg_tensors = arg_tensors
+        self.rng = rng
+
+
 class CompiledLoss:
     """The traces of one loss instance, by signature, and the signatures that stay eager.
 
     A loss built with ``jit=True`` holds one; its ``differentiable_loss`` dispatches here.
     """
+
+    #: the ``jit=`` option this class implements (named in warnings)
+    option: bool | str = True
 
     def __init__(self) -> None:
         self.traces: dict[object, _Trace] = {}
@@ -171,6 +193,9 @@ class CompiledLoss:
         trace = self.traces.get(key)
         if trace is None:
             return self._compile(loss, method, key, model, guide, args, kwargs)
+        return self._replay(loss, trace, model, guide, args, kwargs)
+
+    def _replay(self, loss, trace: _Trace, model, guide, args, kwargs) -> torch.Tensor:
         leaves = self._leaves(trace.param_names, trace.module_leaves, model, guide)
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
@@ -179,26 +204,43 @@ class CompiledLoss:
         loss.set_compiled_terms(dict(zip(trace.term_names, terms, strict=True)))
         return value
 
+    def _keep(self, key, trace) -> None:
+        if len(self.traces) >= MAX_TRACES:
+            self.traces.pop(next(iter(self.traces)))
+        self.traces[key] = trace
+        self.compile_count += 1
+
+    def _warn_once(self, loss, why: str, consequence: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(
+                f"{type(loss).__name__}(jit={self.option!r}) {consequence}: {why}.",
+                stacklevel=5,
+            )
+
     def _eager(self, loss, method, key, why: str, model, guide, args, kwargs) -> torch.Tensor:
         value = method(loss, model, guide, *args, **kwargs)  # an eager error propagates
         if key is not None:
             self.eager[key] = why
-        if why not in self._warned:
-            self._warned.add(why)
-            warnings.warn(
-                f"{type(loss).__name__}(jit=True) runs this model and guide eagerly: {why}. "
-                "The values and gradients are those of the eager path.",
-                stacklevel=4,
-            )
+        self._warn_once(
+            loss,
+            why,
+            "runs this model and guide eagerly (the values and gradients are those of the eager "
+            "path)",
+        )
         return value
 
-    def _compile(self, loss, method, key, model, guide, args, kwargs) -> torch.Tensor:
-        # the parameters the call reaches through pyro.param / pyro.module
+    def _discover(self, loss, method, model, guide, args, kwargs) -> _Inputs:
+        """Run the call once without gradients to find the parameters it reaches.
+
+        The random state is restored afterwards, so that the capturing run draws the numbers the
+        eager run would.
+        """
         rng = _rng_state()
         with poutine.block(), poutine.trace(param_only=True) as capture, torch.no_grad():
             with _quiet_terms(loss):
                 method(loss, model, guide, *args, **kwargs)
-        _set_rng_state(rng)  # the traced run draws the numbers the eager run would
+        _set_rng_state(rng)
         params = [site for site in capture.trace.nodes.values() if site["type"] == "param"]
         param_names = [site["name"] for site in params]
         # the module's own parameters, handed to pyro.module's pyro.param as initial values: a
@@ -213,6 +255,12 @@ class CompiledLoss:
         leaves = self._leaves(param_names, module_leaves, model, guide)
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
+        return _Inputs(param_names, module_leaves, leaves, arg_tensors, rng)
+
+    def _compile(self, loss, method, key, model, guide, args, kwargs) -> torch.Tensor:
+        found = self._discover(loss, method, model, guide, args, kwargs)
+        param_names, module_leaves, rng = found.param_names, found.module_leaves, found.rng
+        leaves, arg_tensors = found.leaves, found.arg_tensors
         num_leaves = len(leaves)
         term_names: list[str] = []
         first_outputs: list[tuple] = []
@@ -240,14 +288,276 @@ class CompiledLoss:
             _set_rng_state(rng)
             why = f"torch.jit.trace failed ({type(error).__name__}: {str(error).splitlines()[0]})"
             return self._eager(loss, method, key, why, model, guide, args, kwargs)
-        if len(self.traces) >= MAX_TRACES:
-            self.traces.pop(next(iter(self.traces)))
-        self.traces[key] = _Trace(param_names, module_leaves, list(term_names), graph)
-        self.compile_count += 1
+        self._keep(key, _Trace(param_names, module_leaves, list(term_names), graph))
         # the tracing run computed this call's result (with its graph): return it
         value, *terms = first_outputs[-1]
         loss.set_compiled_terms(dict(zip(term_names, terms, strict=True)))
         return value
+
+
+class _InductorTrace(_Trace):
+    """A captured (and, when the compiler ran, compiled) loss-and-gradient graph.
+
+    ``graph(*leaves, *argument_tensors)`` returns ``(value, *terms, *gradients)``; the gradients
+    are those of the inputs at ``grad_positions`` (in that order). ``compiled`` is False when the
+    graph runs uncompiled (no C++ compiler, or inductor failed).
+    """
+
+    def __init__(
+        self,
+        param_names: list[str],
+        module_leaves: list[torch.Tensor],
+        term_names: list[str],
+        graph: Callable,
+        grad_positions: list[int],
+        compiled: bool,
+    ):
+        super().__init__(param_names, module_leaves, term_names, graph)
+        self.grad_positions = grad_positions
+        self.compiled = compiled
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """The loss value whose backward hands out gradients the compiled graph already computed."""
+
+    @staticmethod
+    def forward(ctx, value, gradients, *targets):
+        ctx.gradients = gradients
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # the graph's gradients are those of the loss itself: scale them by the incoming one
+        return (None, None, *(grad_output * gradient for gradient in ctx.gradients))
+
+
+def cpp_compiler_problem() -> str | None:
+    """Return why inductor cannot build C++ kernels here (``None``: a compiler was found).
+
+    Looks for the compilers ``torch._inductor.config.cpp.cxx`` names (``g++`` by default) on the
+    ``PATH``, as inductor does before building its first kernel, so that a missing compiler is
+    known before the (long) lowering starts.
+
+    Returns
+    -------
+    str or None
+        The message, naming the compilers looked for and what to do.
+
+    Examples
+    --------
+    >>> cpp_compiler_problem() is None or "compiler" in cpp_compiler_problem()
+    True
+    """
+    import torch._inductor.config as inductor_config
+
+    wanted = inductor_config.cpp.cxx
+    candidates = [c for c in (wanted if isinstance(wanted, (list, tuple)) else (wanted,)) if c]
+    if any(shutil.which(candidate) for candidate in candidates):
+        return None
+    return (
+        f"no C++ compiler for torch inductor was found (looked for {candidates} on the PATH); "
+        "install g++ or set CXX / torch._inductor.config.cpp.cxx"
+    )
+
+
+class InductorCompiledLoss(CompiledLoss):
+    r"""The loss and its gradients as one graph per signature, compiled by torch inductor.
+
+    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs the eager
+    ``differentiable_loss`` followed by :func:`torch.autograd.grad` of its result with respect to
+    every parameter leaf under :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors,
+    so the Pyro messengers run once and leave only the ATen operations they caused), and hands
+    that forward-and-backward graph to :func:`torch._inductor.compile`. Later calls run the
+    compiled kernels without gradient recording and return the value through a one-node autograd
+    function whose backward adds the precomputed gradients, scaled by the incoming gradient:
+    :math:`\partial (c L) / \partial \theta = c\, g_\theta`.
+
+    Random draws stay ATen calls (``fallback_random``), so on the same seed the compiled loss
+    draws the same numbers as the eager one.
+    """
+
+    option = "inductor"
+
+    def _replay(self, loss, trace: _InductorTrace, model, guide, args, kwargs) -> torch.Tensor:
+        leaves = self._leaves(trace.param_names, trace.module_leaves, model, guide)
+        arg_tensors: list[torch.Tensor] = []
+        _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
+        inputs = [*leaves, *arg_tensors]
+        with torch.no_grad():
+            outputs = trace.graph(*(tensor.detach() for tensor in inputs))
+        return self._finish(loss, trace, inputs, outputs)
+
+    def _finish(self, loss, trace: _InductorTrace, inputs, outputs) -> torch.Tensor:
+        num_terms = len(trace.term_names)
+        value, terms = outputs[0], outputs[1 : 1 + num_terms]
+        gradients = tuple(outputs[1 + num_terms :])
+        loss.set_compiled_terms(dict(zip(trace.term_names, terms, strict=True)))
+        if not gradients or not torch.is_grad_enabled():
+            return value
+        targets = [inputs[position] for position in trace.grad_positions]
+        return _PrecomputedGradients.apply(value, gradients, *targets)
+
+    def _compile(self, loss, method, key, model, guide, args, kwargs) -> torch.Tensor:
+        found = self._discover(loss, method, model, guide, args, kwargs)
+        inputs = [*found.leaves, *found.arg_tensors]
+        num_leaves = len(found.leaves)
+        with_grad = torch.is_grad_enabled()
+        grad_positions = [i for i, tensor in enumerate(inputs) if tensor.requires_grad]
+        term_names: list[str] = []
+        first_outputs: list[tuple] = []
+
+        def loss_and_gradients(*traced_inputs):
+            call_args, call_kwargs = _rebuild(
+                (tuple(args), dict(kwargs)), list(traced_inputs[num_leaves:])
+            )
+            with loss.deferred_terms() as terms:
+                value = method(loss, model, guide, *call_args, **call_kwargs)
+            term_names[:] = list(terms)
+            gradients = ()
+            if with_grad and grad_positions and value.requires_grad:
+                gradients = torch.autograd.grad(
+                    value,
+                    [traced_inputs[i] for i in grad_positions],
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            outputs = (value.detach(), *terms.values(), *gradients)
+            first_outputs.append(outputs)
+            return outputs
+
+        # imported here: both modules are heavy and only this path needs them
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        try:
+            graph = make_fx(loss_and_gradients, tracing_mode="real")(*inputs)
+            constant = _constant_requiring_grad(graph)
+            if constant is not None:
+                raise _Uncapturable(
+                    f"a tensor that requires grad ({constant}) is not reached through "
+                    "pyro.param / pyro.module, so the graph would treat it as a constant"
+                )
+        except Exception as error:  # noqa: BLE001 - any capture failure: try the eager path
+            _set_rng_state(found.rng)
+            why = f"make_fx capture failed ({type(error).__name__}: {_first_line(error)})"
+            return self._eager(loss, method, key, why, model, guide, args, kwargs)
+        # the capturing run computed this call's result; compiling must not move the RNG
+        rng_after_capture = _rng_state()
+        runner, compiled, why = self._inductor(graph, inputs)
+        _set_rng_state(rng_after_capture)
+        if why is not None:
+            self._warn_once(
+                loss, why, "runs its captured graph uncompiled (same values, no fused kernels)"
+            )
+        trace = _InductorTrace(
+            found.param_names,
+            found.module_leaves,
+            list(term_names),
+            runner,
+            grad_positions if with_grad else [],
+            compiled,
+        )
+        self._keep(key, trace)
+        return self._finish(loss, trace, inputs, first_outputs[-1])
+
+    @staticmethod
+    def _inductor(graph, inputs) -> tuple[Callable, bool, str | None]:
+        """Return (runner, whether it is compiled, why not)."""
+        problem = cpp_compiler_problem()
+        if problem is not None:
+            return graph, False, problem
+        import torch._inductor
+
+        examples = [tensor.detach() for tensor in inputs]
+        try:
+            with torch.no_grad():
+                runner = torch._inductor.compile(graph, examples, options=INDUCTOR_OPTIONS)
+        except Exception as error:  # noqa: BLE001 - e.g. a compiler that fails on this machine
+            return graph, False, f"inductor failed ({type(error).__name__}: {_first_line(error)})"
+        return runner, True, None
+
+
+class _Uncapturable(RuntimeError):
+    """The captured graph would be wrong (raised inside the capture, turned into the fallback)."""
+
+
+def _constant_requiring_grad(graph: torch.fx.GraphModule) -> str | None:
+    """Return the name of a graph constant that requires grad (its gradient would be lost)."""
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            constant = getattr(graph, str(node.target), None)
+            if isinstance(constant, torch.Tensor) and constant.requires_grad:
+                return f"shape {tuple(constant.shape)}"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+#: inductor options of the compiled path: random draws stay ATen calls (the eager stream)
+INDUCTOR_OPTIONS = {"fallback_random": True}
+
+#: the values ``jit=`` accepts
+JIT_OPTIONS = (False, True, "inductor")
+
+
+def check_jit_option(jit: object) -> bool | str:
+    """Return the ``jit=`` option of a loss, normalized, or raise naming the valid ones.
+
+    Parameters
+    ----------
+    jit : bool or {"inductor"}
+        ``False``: eager; ``True``: :class:`CompiledLoss` (``torch.jit.trace``); ``"inductor"``:
+        :class:`InductorCompiledLoss`.
+
+    Returns
+    -------
+    bool or str
+        ``False``, ``True`` or ``"inductor"``.
+
+    Raises
+    ------
+    ValueError
+        For any other value.
+
+    Examples
+    --------
+    >>> check_jit_option("inductor")
+    'inductor'
+    """
+    if isinstance(jit, str):
+        if jit == "inductor":
+            return jit
+    elif isinstance(jit, (bool, int)) and jit in (0, 1):
+        return bool(jit)
+    raise ValueError(
+        f"jit must be False, True (torch.jit.trace) or 'inductor' (torch inductor), got {jit!r}"
+    )
+
+
+def compiled_path(jit: object) -> CompiledLoss | None:
+    """Return the compiled path of a loss built with ``jit=jit`` (``None``: eager).
+
+    Parameters
+    ----------
+    jit : bool or {"inductor"}
+        The loss's ``jit=`` argument (see :func:`check_jit_option`).
+
+    Returns
+    -------
+    CompiledLoss or None
+        A fresh :class:`CompiledLoss`, :class:`InductorCompiledLoss`, or ``None``.
+
+    Examples
+    --------
+    >>> type(compiled_path("inductor")).__name__
+    'InductorCompiledLoss'
+    """
+    option = check_jit_option(jit)
+    if option == "inductor":
+        return InductorCompiledLoss()
+    return CompiledLoss() if option else None
 
 
 def _rng_state() -> tuple:
@@ -271,4 +581,13 @@ def _quiet_terms(loss):
         loss.last_terms = saved
 
 
-__all__ = ["MAX_TRACES", "CompiledLoss"]
+__all__ = [
+    "INDUCTOR_OPTIONS",
+    "JIT_OPTIONS",
+    "MAX_TRACES",
+    "CompiledLoss",
+    "InductorCompiledLoss",
+    "check_jit_option",
+    "compiled_path",
+    "cpp_compiler_problem",
+]
