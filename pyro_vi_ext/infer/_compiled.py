@@ -429,7 +429,13 @@ class InductorCompiledLoss(CompiledLoss):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         try:
-            graph = make_fx(loss_and_gradients, tracing_mode="real")(*inputs)
+            # value reads (checks, Python branches on a tensor) run on the real tensors and are
+            # baked in, as under torch.jit.trace
+            capture = make_fx(
+                loss_and_gradients, tracing_mode="real", _error_on_data_dependent_ops=False
+            )
+            graph = capture(*inputs)
+            _drop_baked_value_reads(graph)
             constant = _constant_requiring_grad(graph)
             if constant is not None:
                 raise _Uncapturable(
@@ -465,7 +471,10 @@ class InductorCompiledLoss(CompiledLoss):
         problem = cpp_compiler_problem()
         if problem is not None:
             return graph, False, problem
-        import torch._inductor
+        with warnings.catch_warnings():
+            # importing inductor warns about torch.jit internals it uses; not the user's concern
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch._inductor
 
         examples = [tensor.detach() for tensor in inputs]
         try:
@@ -488,6 +497,25 @@ def _constant_requiring_grad(graph: torch.fx.GraphModule) -> str | None:
             if isinstance(constant, torch.Tensor) and constant.requires_grad:
                 return f"shape {tuple(constant.shape)}"
     return None
+
+
+def _drop_baked_value_reads(graph: torch.fx.GraphModule) -> None:
+    """Remove the graph's reads of tensor values into Python numbers whose result is unused.
+
+    A value read (``.item()``, ``float(tensor)``) during the capture leaves a
+    ``_local_scalar_dense`` node whose number was used as a constant; inductor refuses such a
+    data-dependent node, and nothing in the graph needs it.
+    """
+    value_read = torch.ops.aten._local_scalar_dense.default
+    unused = [
+        node
+        for node in graph.graph.nodes
+        if node.op == "call_function" and node.target is value_read and not node.users
+    ]
+    for node in unused:
+        graph.graph.erase_node(node)
+    if unused:
+        graph.recompile()
 
 
 def _first_line(error: Exception) -> str:
