@@ -1,29 +1,49 @@
-r"""The compiled path of every loss (``jit=True``): model, guide and bound traced per structure.
+r"""The compiled paths of every loss: ``jit=True`` (``torch.jit.trace``) and ``jit="inductor"``.
 
-:class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under :func:`torch.jit.trace`
-the first time it sees a *signature*, and replays the traced graph afterwards. The graph takes
-every parameter leaf (``pyro.param`` values, ``pyro.module`` modules, the parameters of a model or
-guide that is an ``nn.Module``) and every tensor argument as inputs, so the optimizer's updates
-and new minibatches flow in; random draws are graph operations, so every call draws afresh and,
-on the same seed, the same numbers as the eager path. The reported terms
-(:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph.
+``jit=True``: :class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under
+:func:`torch.jit.trace` the first time it sees a *signature*, and replays the traced graph
+afterwards. The graph takes every parameter leaf (``pyro.param`` values, ``pyro.module`` modules,
+the parameters of a model or guide that is an ``nn.Module``) and every tensor argument as inputs,
+so the optimizer's updates and new minibatches flow in; random draws are graph operations, so
+every call draws afresh and, on the same seed, the same numbers as the eager path. The reported
+terms (:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph.
+The backward pass is autograd's, op by op.
 
-What recompiles (a new trace, kept next to the old ones): a new model or guide, new shapes,
-dtypes or devices of the tensor arguments, a new value of a non-tensor argument, switching
-gradients on or off, and a new loss state that changes the maths (e.g. the annealed weights of
-:class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time they change). What is
-*baked in* and does not recompile: Python control flow on tensor values inside the model or
-guide, a :func:`pyro.poutine.scale` whose value changes between calls, and the value-dependent
-validation checks (finite observations), which run when tracing only. Models whose structure
-depends on the data in those ways should stay eager.
+``jit="inductor"``: :class:`InductorCompiledLoss` captures, per signature, one graph computing
+the loss value, its terms *and* the gradients :math:`g_\theta = \partial L / \partial \theta`
+of every parameter leaf (:func:`torch.fx.experimental.proxy_tensor.make_fx` over the eager call
+followed by :func:`torch.autograd.grad`, on the real tensors: the Pyro program runs once and only
+its ATen operations remain), and compiles it with torch inductor (fused C++ kernels, no Python,
+messenger or autograd-engine work per step). A call returns the value through a one-node
+autograd function whose backward adds :math:`c\, g_\theta` for an incoming gradient :math:`c`, so
+``loss.backward()``, ``SVI`` and ``torch.autograd.grad`` work as before; higher-order gradients
+(``create_graph=True``) are not available on this path. Random draws stay ATen calls
+(``fallback_random``), so values equal the eager path on the same seed. Compiling takes seconds
+per signature (10-30 s for the 784-400-20 VAE on 2 cores; inductor's on-disk cache shortens a
+recompile of the same graph in a later process), so this path pays off for long training runs on
+fixed shapes. Without a C++ compiler (``g++``, or what ``torch._inductor.config.cpp.cxx``
+names) or when inductor fails, the captured graph runs uncompiled (same values, no Pyro
+overhead, no fused kernels) with a warning; when the capture itself fails, the call runs eagerly
+with a warning. A tensor that requires grad but is not reached through ``pyro.param`` /
+``pyro.module`` (a closure) would become a constant of the graph: such a model runs eagerly.
+
+What recompiles, on both paths (a new trace, kept next to the old ones, at most
+:data:`MAX_TRACES`): a new model or guide, new shapes, dtypes or devices of the tensor arguments,
+a new value of a non-tensor argument, switching gradients on or off (``loss`` and
+``differentiable_loss`` have one graph each), and a new loss state that changes the maths (e.g.
+the annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time
+they change: keep such schedules on the eager or ``jit=True`` path). What is *baked in* and does
+not recompile: Python control flow on tensor values inside the model or guide, a
+:func:`pyro.poutine.scale` whose value changes between calls, and the value-dependent validation
+checks (finite observations), which run when capturing only. Models whose structure depends on
+the data in those ways should stay eager.
 
 ``torch.jit.trace`` is marked deprecated in torch 2.13 (in favour of ``torch.compile``, which
 breaks the graph at every Pyro messenger); it is what Pyro's own ``JitTrace_ELBO`` uses and it
-works here; its deprecation warning is silenced inside this module only.
-
-If tracing fails (a parameter the trace cannot see, an operation ``torch.jit.trace`` does not
-support), the loss runs the same call eagerly; if that succeeds the signature stays eager and a
-warning saying why is given once, otherwise the eager error is raised as without ``jit``.
+works here; its deprecation warning is silenced inside this module only. If tracing fails (a
+parameter the trace cannot see, an operation ``torch.jit.trace`` does not support), the loss runs
+the same call eagerly; if that succeeds the signature stays eager and a warning saying why is
+given once, otherwise the eager error is raised as without ``jit``.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ class BoundELBO(ParticleELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
     ):
         check_estimator(estimator)
         if not isinstance(num_outer, int) or num_outer < 1:

@@ -79,8 +79,9 @@ class RenyiAlphaELBO(BoundELBO):
         Draw the particles on a vectorized plate (default) or in a loop (False).
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
-    jit : bool
-        Compile once per signature (see :class:`~pyro_vi_ext.ImportanceWeightedELBO`).
+    jit : bool or {"inductor"}
+        Compile once per signature: ``torch.jit.trace`` (True) or torch inductor
+        (``"inductor"``); see :class:`~pyro_vi_ext.ImportanceWeightedELBO`.
 
     References
     ----------
@@ -107,7 +108,7 @@ class RenyiAlphaELBO(BoundELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
     ):
         if not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(
