@@ -491,15 +491,15 @@ class InductorCompiledLoss(CompiledLoss):
         problem = cpp_compiler_problem()
         if problem is not None:
             return graph, False, problem
-        with warnings.catch_warnings():
-            # importing inductor warns about torch.jit internals it uses; not the user's concern
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import torch._inductor
-
         examples = [tensor.detach() for tensor in inputs]
         try:
-            with torch.no_grad():
-                runner = torch._inductor.compile(graph, examples, options=INDUCTOR_OPTIONS)
+            with warnings.catch_warnings(), torch.no_grad():
+                # inductor's own use of deprecated torch internals warns; not the user's concern
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                from torch._inductor import compile as inductor_compile
+
+                runner = inductor_compile(graph, examples, options=INDUCTOR_OPTIONS)
         except Exception as error:  # noqa: BLE001 - e.g. a compiler that fails on this machine
             return graph, False, f"inductor failed ({type(error).__name__}: {_first_line(error)})"
         return runner, True, None
