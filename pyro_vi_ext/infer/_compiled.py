@@ -338,7 +338,12 @@ class _InductorTrace(_Trace):
 
 
 class _PrecomputedGradients(torch.autograd.Function):
-    """The loss value whose backward hands out gradients the compiled graph already computed."""
+    """The loss value whose backward hands out gradients the compiled graph already computed.
+
+    The gradients are handed out once (a second backward through the same value raises), so
+    that autograd can move them into ``.grad`` without a copy; an incoming gradient other than
+    one scales them.
+    """
 
     @staticmethod
     def forward(ctx, value, gradients, *targets):
@@ -347,8 +352,18 @@ class _PrecomputedGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # the graph's gradients are those of the loss itself: scale them by the incoming one
-        return (None, None, *(grad_output * gradient for gradient in ctx.gradients))
+        gradients = ctx.gradients
+        if gradients is None:
+            raise RuntimeError(
+                "a loss built with jit='inductor' was backpropagated twice through the same "
+                "value: its gradients were computed with the value and handed out on the first "
+                "backward; call the loss again, or use jit=True / jit=False for repeated backward"
+            )
+        ctx.gradients = None  # the only reference left is autograd's: no copy into .grad
+        # d(c L)/dtheta = c dL/dtheta; reading c costs a device sync, so only on the CPU
+        if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
+            return (None, None, *gradients)
+        return (None, None, *(grad_output * gradient for gradient in gradients))
 
 
 def cpp_compiler_problem() -> str | None:
