@@ -319,22 +319,29 @@ class _InductorTrace(_Trace):
     """A captured (and, when the compiler ran, compiled) loss-and-gradient graph.
 
     ``graph(*leaves, *argument_tensors)`` returns ``(value, *terms, *gradients)``; the gradients
-    are those of the inputs at ``grad_positions`` (in that order). ``compiled`` is False when the
-    graph runs uncompiled (no C++ compiler, or inductor failed).
+    are those of the inputs at ``grad_positions`` (in that order), the inputs that required grad
+    (``requires_grad``, per input, when captured) and that the value depends on. ``compiled`` is
+    False when the graph runs uncompiled (no C++ compiler, or inductor failed). ``method`` and
+    ``key`` recapture the graph when a parameter is frozen or unfrozen.
     """
 
     def __init__(
         self,
-        param_names: list[str],
-        module_leaves: list[torch.Tensor],
+        found: _Inputs,
         term_names: list[str],
         graph: Callable,
         grad_positions: list[int],
+        requires_grad: tuple[bool, ...],
         compiled: bool,
+        method: Callable,
+        key: object,
     ):
-        super().__init__(param_names, module_leaves, term_names, graph)
+        super().__init__(found.param_names, found.module_leaves, term_names, graph)
         self.grad_positions = grad_positions
+        self.requires_grad = requires_grad
         self.compiled = compiled
+        self.method = method
+        self.key = key
 
 
 class _PrecomputedGradients(torch.autograd.Function):
@@ -418,6 +425,9 @@ class InductorCompiledLoss(CompiledLoss):
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
         inputs = [*leaves, *arg_tensors]
+        if trace.requires_grad != tuple(tensor.requires_grad for tensor in inputs):
+            # a parameter was frozen or unfrozen: the graph computes the wrong set of gradients
+            return self._compile(loss, trace.method, trace.key, model, guide, args, kwargs)
         with torch.no_grad():
             outputs = trace.graph(*(tensor.detach() for tensor in inputs))
         return self._finish(loss, trace, inputs, outputs)
@@ -438,6 +448,7 @@ class InductorCompiledLoss(CompiledLoss):
         num_leaves = len(found.leaves)
         with_grad = torch.is_grad_enabled()
         grad_positions = [i for i, tensor in enumerate(inputs) if tensor.requires_grad]
+        used_positions: list[int] = []  # inputs the value depends on (the others get no .grad)
         term_names: list[str] = []
         first_outputs: list[tuple] = []
 
@@ -448,14 +459,15 @@ class InductorCompiledLoss(CompiledLoss):
             with loss.deferred_terms() as terms:
                 value = method(loss, model, guide, *call_args, **call_kwargs)
             term_names[:] = list(terms)
-            gradients = ()
+            gradients: list[torch.Tensor] = []
             if with_grad and grad_positions and value.requires_grad:
-                gradients = torch.autograd.grad(
-                    value,
-                    [traced_inputs[i] for i in grad_positions],
-                    allow_unused=True,
-                    materialize_grads=True,
+                all_gradients = torch.autograd.grad(
+                    value, [traced_inputs[i] for i in grad_positions], allow_unused=True
                 )
+                pairs = zip(grad_positions, all_gradients, strict=True)
+                used = [(i, g) for i, g in pairs if g is not None]
+                used_positions[:] = [i for i, _ in used]
+                gradients = [g for _, g in used]
             outputs = (value.detach(), *terms.values(), *gradients)
             first_outputs.append(outputs)
             return outputs
@@ -490,14 +502,24 @@ class InductorCompiledLoss(CompiledLoss):
                 loss, why, "runs its captured graph uncompiled (same values, no fused kernels)"
             )
         trace = _InductorTrace(
-            found.param_names,
-            found.module_leaves,
+            found,
             list(term_names),
             runner,
-            grad_positions if with_grad else [],
+            list(used_positions),
+            tuple(tensor.requires_grad for tensor in inputs),
             compiled,
+            method,
+            key,
         )
         self._keep(key, trace)
+        if self.compile_count == INDUCTOR_MANY_COMPILES:
+            self._warn_once(
+                loss,
+                f"{self.compile_count} graphs compiled so far (shapes, non-tensor arguments or "
+                "loss state change between calls; see pyro_vi_ext.infer._compiled for what "
+                "recompiles); each compile takes seconds, so jit=True may be faster overall",
+                "keeps recompiling",
+            )
         return self._finish(loss, trace, inputs, first_outputs[-1])
 
     @staticmethod
@@ -557,6 +579,9 @@ def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
 
+
+#: after this many compiled graphs in one loss, jit="inductor" warns that it keeps recompiling
+INDUCTOR_MANY_COMPILES = 8
 
 #: inductor options of the compiled path: random draws stay ATen calls (the eager stream)
 INDUCTOR_OPTIONS = {"fallback_random": True}
@@ -645,6 +670,7 @@ def _quiet_terms(loss):
 
 
 __all__ = [
+    "INDUCTOR_MANY_COMPILES",
     "INDUCTOR_OPTIONS",
     "JIT_OPTIONS",
     "MAX_TRACES",

@@ -394,6 +394,67 @@ def test_inductor_gradient_scales_with_the_incoming_gradient():
         torch.testing.assert_close(vae.encoder[0].weight.grad, scale * expected)
 
 
+def test_inductor_second_backward_through_one_value_raises():
+    """The gradients are handed out once; a second backward says what to do instead."""
+    pyro.clear_param_store()
+    vae, x = SmallVAE(), _data()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
+    with _without_compiler(), pytest.warns(UserWarning, match="uncompiled"):
+        loss.differentiable_loss(vae.model, vae.guide, x)
+    value = loss.differentiable_loss(vae.model, vae.guide, x)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice.*call the loss again"):
+        value.backward()
+
+
+def test_inductor_unused_and_frozen_parameters_match_eager():
+    """A parameter the value does not use gets no ``.grad``; freezing one recaptures."""
+
+    def guide(x):
+        pyro.param("unused", torch.tensor(3.0))
+        _tiny_guide(x)
+
+    x = torch.randn(5)
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit=jit)
+        with _without_compiler(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for frozen in (False, False, True, True):
+                pyro.param("model_loc", torch.tensor(0.2)).unconstrained().requires_grad_(
+                    not frozen
+                )
+                torch.manual_seed(0)
+                loss.differentiable_loss(_tiny_model, guide, x).backward()
+                grads = {
+                    name: pyro.param(name).unconstrained().grad
+                    for name in ("unused", "model_loc", "shift")
+                }
+                assert grads["unused"] is None
+                assert (grads["model_loc"] is None) == frozen
+                assert grads["shift"] is not None
+                for name in grads:
+                    pyro.param(name).unconstrained().grad = None
+        if jit:
+            assert loss._compiled.compile_count == 2  # recaptured once, for the frozen one
+
+
+def test_inductor_warns_when_it_keeps_recompiling(monkeypatch):
+    """Many signatures (here batch sizes) compile many graphs: one warning says so."""
+    from pyro_vi_ext.infer import _compiled
+
+    monkeypatch.setattr(_compiled, "INDUCTOR_MANY_COMPILES", 2)  # 8 by default; 2 is faster
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
+    with _without_compiler(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for size in (2, 3, 2, 4):
+            loss.differentiable_loss(_tiny_model, _tiny_guide, torch.randn(size))
+    messages = [str(w.message) for w in record if "keeps recompiling" in str(w.message)]
+    assert len(messages) == 1 and "2 graphs compiled" in messages[0]
+    assert loss._compiled.compile_count == 3
+
+
 def test_inductor_through_svi_and_loss_match_eager():
     """SVI sees and updates the parameters of the replayed graph; ``loss`` has its own graph."""
     x = _data()
@@ -408,7 +469,7 @@ def test_inductor_through_svi_and_loss_match_eager():
         torch.manual_seed(0)
         with _without_compiler(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            values = [svi.step(x) for _ in range(4)] + [svi.evaluate_loss(x) for _ in range(2)]
+            values = [svi.step(x) for _ in range(3)] + [svi.evaluate_loss(x) for _ in range(2)]
         results[jit] = (values, [p.detach().clone() for p in vae.parameters()])
         if jit:
             assert loss._compiled.compile_count == 2  # with and without gradients
