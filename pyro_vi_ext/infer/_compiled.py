@@ -366,6 +366,12 @@ class _PrecomputedGradients(torch.autograd.Function):
                 "value: its gradients were computed with the value and handed out on the first "
                 "backward; call the loss again, or use jit=True / jit=False for repeated backward"
             )
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "higher-order gradients (backward with create_graph=True) are not available "
+                "from a loss built with jit='inductor' (its gradients are precomputed values); "
+                "use jit=True or jit=False"
+            )
         ctx.gradients = None  # the only reference left is autograd's: no copy into .grad
         # d(c L)/dtheta = c dL/dtheta; reading c costs a device sync, so only on the CPU
         if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
@@ -415,7 +421,21 @@ class InductorCompiledLoss(CompiledLoss):
     :math:`\partial (c L) / \partial \theta = c\, g_\theta`.
 
     Random draws stay ATen calls (``fallback_random``), so on the same seed the compiled loss
-    draws the same numbers as the eager one.
+    draws the same numbers as the eager one. What recompiles and what falls back: see the module
+    note.
+
+    References
+    ----------
+    .. [1] J. Ansel et al., "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
+       Transformation and Graph Compilation", ASPLOS 2024 (AOTAutograd's joint forward-backward
+       graph and the inductor compiler this path uses).
+
+    Examples
+    --------
+    >>> from pyro_vi_ext import ImportanceWeightedELBO
+    >>> loss = ImportanceWeightedELBO(num_particles=5, estimator="dreg", jit="inductor")
+    >>> type(loss._compiled).__name__
+    'InductorCompiledLoss'
     """
 
     option = "inductor"
@@ -525,7 +545,9 @@ class InductorCompiledLoss(CompiledLoss):
     @staticmethod
     def _inductor(graph, inputs) -> tuple[Callable, bool, str | None]:
         """Return (runner, whether it is compiled, why not)."""
-        problem = cpp_compiler_problem()
+        # CPU kernels are C++; CUDA kernels are Triton and need no C++ compiler of ours
+        on_cpu = any(tensor.device.type == "cpu" for tensor in inputs)
+        problem = cpp_compiler_problem() if on_cpu else None
         if problem is not None:
             return graph, False, problem
         examples = [tensor.detach() for tensor in inputs]

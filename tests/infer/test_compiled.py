@@ -395,7 +395,7 @@ def test_inductor_gradient_scales_with_the_incoming_gradient():
 
 
 def test_inductor_second_backward_through_one_value_raises():
-    """The gradients are handed out once; a second backward says what to do instead."""
+    """The gradients are handed out once, and not differentiable: both errors say what to do."""
     pyro.clear_param_store()
     vae, x = SmallVAE(), _data()
     loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
@@ -405,6 +405,9 @@ def test_inductor_second_backward_through_one_value_raises():
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice.*call the loss again"):
         value.backward()
+    value = loss.differentiable_loss(vae.model, vae.guide, x)
+    with pytest.raises(RuntimeError, match="create_graph=True.*use jit=True or jit=False"):
+        torch.autograd.grad(value, vae.parameters(), create_graph=True)
 
 
 def test_inductor_unused_and_frozen_parameters_match_eager():
