@@ -35,8 +35,11 @@ the annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompi
 they change: keep such schedules on the eager or ``jit=True`` path). What is *baked in* and does
 not recompile: Python control flow on tensor values inside the model or guide, a
 :func:`pyro.poutine.scale` whose value changes between calls, and the value-dependent validation
-checks (finite observations), which run when capturing only. Models whose structure depends on
-the data in those ways should stay eager.
+checks (finite observations), which run when capturing only, and tensors the program reads from
+a closure or a global instead of its arguments (constants of the graph: pass data that changes as
+an argument). Models whose structure depends on the data in those ways should stay eager. On the
+inductor path, freezing or unfreezing a parameter (``requires_grad``) also recaptures, and after
+:data:`INDUCTOR_MANY_COMPILES` graphs in one loss a warning says that it keeps recompiling.
 
 ``torch.jit.trace`` is marked deprecated in torch 2.13 (in favour of ``torch.compile``, which
 breaks the graph at every Pyro messenger); it is what Pyro's own ``JitTrace_ELBO`` uses and it
