@@ -72,15 +72,15 @@ if TYPE_CHECKING:
 _REPLAY_RTOL, _REPLAY_ATOL = 1e-4, 1e-4
 
 
-def check_particle_chunk_size(particle_chunk_size: object, jit: bool) -> int | None:
+def check_particle_chunk_size(particle_chunk_size: object, jit: bool | str) -> int | None:
     """Validate the ``particle_chunk_size`` argument of a bound loss.
 
     Parameters
     ----------
     particle_chunk_size : object
         What the user passed: ``None`` (no chunking) or a positive ``int``.
-    jit : bool
-        The loss's ``jit`` option; chunking cannot be compiled.
+    jit : bool or str
+        The loss's ``jit`` option; chunking cannot be compiled (``True`` or ``"inductor"``).
 
     Returns
     -------
@@ -112,10 +112,10 @@ def check_particle_chunk_size(particle_chunk_size: object, jit: bool) -> int | N
         )
     if jit:
         raise ParticleChunkingError(
-            "particle_chunk_size cannot be combined with jit=True: the compiled path traces one "
-            "graph of all particles, while chunking replays the particles chunk by chunk and "
+            f"particle_chunk_size cannot be combined with jit={jit!r}: the compiled path traces "
+            "one graph of all particles, while chunking replays the particles chunk by chunk and "
             "runs backward per chunk. Use jit=False with particle_chunk_size, or "
-            "particle_chunk_size=None with jit=True."
+            f"particle_chunk_size=None with jit={jit!r}."
         )
     return int(particle_chunk_size)
 

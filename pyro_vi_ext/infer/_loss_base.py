@@ -18,7 +18,7 @@ from pyro.infer import ELBO
 
 from pyro_vi_ext.infer import _chunked, _validation
 from pyro_vi_ext.infer._bounds import Bound, effective_sample_size, elbo_bound
-from pyro_vi_ext.infer._compiled import CompiledLoss
+from pyro_vi_ext.infer._compiled import check_jit_option, compiled_path
 from pyro_vi_ext.infer._gradients import (
     DregAliases,
     Estimator,
@@ -51,11 +51,13 @@ class ParticleELBO(ELBO):
         loop (:attr:`supports_sequential_particles` False) refuse False.
     retain_graph : bool or None
         Passed to ``backward`` in :meth:`loss_and_grads`.
-    jit : bool
+    jit : bool or {"inductor"}
         Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
         shapes, a new model or guide, gradients on/off recompile); same values and gradients as
         the eager path on the same draws, eager fallback with a warning when tracing fails.
-        See :mod:`pyro_vi_ext.infer._compiled`.
+        ``"inductor"``: capture loss and gradients as one graph and compile it with torch
+        inductor (fused kernels; seconds to compile each signature, needs a C++ compiler, else
+        the captured graph runs uncompiled). See :mod:`pyro_vi_ext.infer._compiled`.
     """
 
     #: whether ``vectorize_particles=False`` (a loop over particles) is supported
@@ -78,7 +80,7 @@ class ParticleELBO(ELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
     ):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -112,8 +114,8 @@ class ParticleELBO(ELBO):
         self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
         # what only changes with the model's structure (checks passed, detachability), keyed on it
         self._structure_cache: dict = {}
-        self.jit = bool(jit)
-        self._compiled = CompiledLoss() if self.jit else None
+        self.jit = check_jit_option(jit)
+        self._compiled = compiled_path(self.jit)
         self._deferred_terms: dict[str, torch.Tensor] | None = None
         self.tracing = False  # True while torch.jit.trace records differentiable_loss
 
@@ -235,7 +237,7 @@ class BoundELBO(ParticleELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
         particle_chunk_size: int | None = None,
     ):
         check_estimator(estimator)

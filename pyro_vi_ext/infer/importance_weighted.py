@@ -97,10 +97,12 @@ class ImportanceWeightedELBO(BoundELBO):
         not broadcast; same values on the same draws). One particle never adds a plate.
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
-    jit : bool
+    jit : bool or {"inductor"}
         Compile model, guide and bound with ``torch.jit.trace`` once per signature (new argument
         shapes, a new model or guide, gradients on/off recompile); same values and gradients as
         the eager path on the same draws, eager fallback with a warning when tracing fails.
+        ``"inductor"``: loss and gradients as one graph per signature compiled by torch inductor
+        (fastest per step; seconds to compile; uncompiled graph without a C++ compiler).
         See :mod:`pyro_vi_ext.infer._compiled`.
     particle_chunk_size : int or None
         Evaluate the particles ``C`` at a time (default ``None``: all in one run), so that peak
@@ -160,7 +162,7 @@ class ImportanceWeightedELBO(BoundELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
         particle_chunk_size: int | None = None,
     ):
         if variant not in _VARIANTS:

@@ -79,8 +79,9 @@ class RenyiAlphaELBO(BoundELBO):
         Draw the particles on a vectorized plate (default) or in a loop (False).
     retain_graph : bool or None
         Passed to ``backward`` in ``loss_and_grads``.
-    jit : bool
-        Compile once per signature (see :class:`~pyro_vi_ext.ImportanceWeightedELBO`).
+    jit : bool or {"inductor"}
+        Compile once per signature: ``torch.jit.trace`` (True) or torch inductor
+        (``"inductor"``); see :class:`~pyro_vi_ext.ImportanceWeightedELBO`.
     particle_chunk_size : int or None
         Evaluate the particles ``C`` at a time (default ``None``: all in one run), so that peak
         memory is that of ``C`` particles instead of ``M K``. Exact: ``loss_and_grads`` gives the
@@ -127,7 +128,7 @@ class RenyiAlphaELBO(BoundELBO):
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
         retain_graph: bool | None = None,
-        jit: bool = False,
+        jit: bool | str = False,
         particle_chunk_size: int | None = None,
     ):
         if not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:

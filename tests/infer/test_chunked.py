@@ -472,6 +472,8 @@ def test_piwae_and_jit_are_refused():
         ImportanceWeightedELBO(num_particles=4, jit=True, particle_chunk_size=2)
     with pytest.raises(ParticleChunkingError, match="jit=True"):
         RenyiAlphaELBO(num_particles=4, jit=True, particle_chunk_size=2)
+    with pytest.raises(ParticleChunkingError, match="jit='inductor'"):
+        ImportanceWeightedELBO(num_particles=4, jit="inductor", particle_chunk_size=2)
 
 
 def test_piwae_changed_after_construction_is_refused_at_the_call():

@@ -341,3 +341,304 @@ def test_second_model_with_the_same_module_names_compiles():
         loss, compiled = _runs(lambda: make(jit=True), second, batches, seeds=(0, 1))
     _assert_same(eager, compiled)
     assert loss._compiled.compile_count == 1
+
+
+# -- jit="inductor": loss and gradients captured with make_fx, compiled by torch inductor ---------
+def _without_compiler():
+    """Inductor sees no C++ compiler: the captured graph runs uncompiled (fast to test)."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"cpp.cxx": ("no-such-cxx-compiler-for-this-test",)})
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_inductor_capture_matches_eager(name):
+    """The captured loss-and-gradient graph equals eager on the capturing call and two replays."""
+    make = LOSSES[name]
+    batches = [_data(seed=1), _data(seed=2), _data(seed=3)]
+    pyro.clear_param_store()
+    _, eager = _runs(make, SmallVAE(), batches)
+    pyro.clear_param_store()
+    with _without_compiler(), pytest.warns(UserWarning, match="no-such-cxx") as record:
+        loss, compiled = _runs(lambda: make(jit="inductor"), SmallVAE(), batches)
+    assert len(record) == 1  # warned once, when capturing
+    assert "captured graph uncompiled" in str(record[0].message)
+    _assert_same(eager, compiled)
+    assert loss._compiled.compile_count == 1 and not loss._compiled.eager
+    (trace,) = loss._compiled.traces.values()
+    assert not trace.compiled
+
+
+def test_inductor_gradient_scales_with_the_incoming_gradient():
+    """``backward`` of ``c * loss`` adds ``c`` times the graph's gradients (also via ``.grad``)."""
+    x = _data()
+    pyro.clear_param_store()
+    vae = SmallVAE()
+    loss = ImportanceWeightedELBO(num_particles=3, estimator="dreg", max_plate_nesting=1)
+    torch.manual_seed(0)
+    expected = torch.autograd.grad(
+        loss.differentiable_loss(vae.model, vae.guide, x), vae.encoder[0].weight
+    )[0]
+    compiled = ImportanceWeightedELBO(
+        num_particles=3, estimator="dreg", max_plate_nesting=1, jit="inductor"
+    )
+    with _without_compiler(), pytest.warns(UserWarning, match="uncompiled"):
+        torch.manual_seed(0)
+        compiled.differentiable_loss(vae.model, vae.guide, x)  # captures
+    for scale in (1.0, -2.5):
+        torch.manual_seed(0)
+        value = compiled.differentiable_loss(vae.model, vae.guide, x)  # replays
+        for param in vae.parameters():
+            param.grad = None
+        (scale * value).backward()
+        torch.testing.assert_close(vae.encoder[0].weight.grad, scale * expected)
+
+
+def test_inductor_second_backward_through_one_value_raises():
+    """The gradients are handed out once, and not differentiable: both errors say what to do."""
+    pyro.clear_param_store()
+    vae, x = SmallVAE(), _data()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
+    with _without_compiler(), pytest.warns(UserWarning, match="uncompiled"):
+        loss.differentiable_loss(vae.model, vae.guide, x)
+    value = loss.differentiable_loss(vae.model, vae.guide, x)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice.*call the loss again"):
+        value.backward()
+    value = loss.differentiable_loss(vae.model, vae.guide, x)
+    with pytest.raises(RuntimeError, match="create_graph=True.*use jit=True or jit=False"):
+        torch.autograd.grad(value, vae.parameters(), create_graph=True)
+
+
+def test_inductor_unused_and_frozen_parameters_match_eager():
+    """A parameter the value does not use gets no ``.grad``; freezing one recaptures."""
+
+    def guide(x):
+        pyro.param("unused", torch.tensor(3.0))
+        _tiny_guide(x)
+
+    x = torch.randn(5)
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit=jit)
+        with _without_compiler(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for frozen in (False, False, True, True):
+                pyro.param("model_loc", torch.tensor(0.2)).unconstrained().requires_grad_(
+                    not frozen
+                )
+                torch.manual_seed(0)
+                loss.differentiable_loss(_tiny_model, guide, x).backward()
+                grads = {
+                    name: pyro.param(name).unconstrained().grad
+                    for name in ("unused", "model_loc", "shift")
+                }
+                assert grads["unused"] is None
+                assert (grads["model_loc"] is None) == frozen
+                assert grads["shift"] is not None
+                for name in grads:
+                    pyro.param(name).unconstrained().grad = None
+        if jit:
+            assert loss._compiled.compile_count == 2  # recaptured once, for the frozen one
+
+
+def test_inductor_warns_when_it_keeps_recompiling(monkeypatch):
+    """Many signatures (here batch sizes) compile many graphs: one warning says so."""
+    from pyro_vi_ext.infer import _compiled
+
+    monkeypatch.setattr(_compiled, "INDUCTOR_MANY_COMPILES", 2)  # 8 by default; 2 is faster
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
+    with _without_compiler(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for size in (2, 3, 2, 4):
+            loss.differentiable_loss(_tiny_model, _tiny_guide, torch.randn(size))
+    messages = [str(w.message) for w in record if "keeps recompiling" in str(w.message)]
+    assert len(messages) == 1 and "2 graphs compiled" in messages[0]
+    assert loss._compiled.compile_count == 3
+
+
+def test_inductor_through_svi_and_loss_match_eager():
+    """SVI sees and updates the parameters of the replayed graph; ``loss`` has its own graph."""
+    x = _data()
+    results = {}
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        vae = SmallVAE()
+        loss = ImportanceWeightedELBO(
+            num_particles=4, estimator="stl", max_plate_nesting=1, jit=jit
+        )
+        svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+        torch.manual_seed(0)
+        with _without_compiler(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = [svi.step(x) for _ in range(3)] + [svi.evaluate_loss(x) for _ in range(2)]
+        results[jit] = (values, [p.detach().clone() for p in vae.parameters()])
+        if jit:
+            assert loss._compiled.compile_count == 2  # with and without gradients
+    assert results["inductor"][0] == pytest.approx(results[False][0], rel=1e-5)
+    for a, b in zip(results[False][1], results["inductor"][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_closure_parameter_falls_back_to_eager():
+    """A parameter the capture cannot see as an input would lose its gradient: eager instead."""
+    weight = torch.tensor(0.5, requires_grad=True)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(weight * z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(weight * x, 1.0))
+
+    x = torch.randn(6)
+    pyro.clear_param_store()
+    compiled = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit="inductor")
+    with pytest.warns(UserWarning, match=r"jit='inductor'\) runs this model and guide eagerly"):
+        torch.manual_seed(0)
+        got = compiled.differentiable_loss(model, guide, x)
+    (got_grad,) = torch.autograd.grad(got, weight)
+    torch.manual_seed(0)
+    expected = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1).differentiable_loss(
+        model, guide, x
+    )
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(got_grad, expected_grad)
+    assert compiled._compiled.compile_count == 0 and len(compiled._compiled.eager) == 1
+
+
+@pytest.mark.parametrize("jit", ["trace", "Inductor", 2, None])
+def test_unknown_jit_option_is_refused(jit):
+    """Only False, True and "inductor" are accepted, and the error names them."""
+    with pytest.raises(ValueError, match="jit must be False, True .* or 'inductor'"):
+        ImportanceWeightedELBO(jit=jit)
+
+
+def test_missing_compiler_is_reported_before_compiling():
+    """The compiler check names what it looked for; with g++ on the PATH it finds it."""
+    from pyro_vi_ext.infer._compiled import cpp_compiler_problem
+
+    with _without_compiler():
+        problem = cpp_compiler_problem()
+    assert problem is not None and "no-such-cxx" in problem and "install g++" in problem
+    import shutil
+
+    if shutil.which("g++"):
+        assert cpp_compiler_problem() is None
+
+
+def _tiny_model(x):
+    loc = pyro.param("model_loc", torch.tensor(0.2))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def _tiny_guide(x):
+    shift = pyro.param("shift", torch.tensor(0.1))
+    scale = pyro.param("scale", torch.tensor(0.7), constraint=dist.constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x / 2 + shift, scale))
+
+
+def _compiled_against_eager(make, model, guide, params, batches):
+    out = {}
+    for jit in (False, "inductor"):
+        pyro.clear_param_store()
+        loss = make(jit=jit)
+        rows = []
+        for seed, x in enumerate(batches):
+            torch.manual_seed(seed)
+            value = loss.differentiable_loss(model, guide, x)
+            leaves = [pyro.param(name).unconstrained() for name in params]
+            rows.append((value.detach(), torch.autograd.grad(value, leaves), dict(loss.last_terms)))
+        out[jit] = (loss, rows)
+    _assert_same(out[False][1], out["inductor"][1])
+    return out["inductor"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="needs a C++ compiler")
+def test_inductor_compiles_a_small_model():
+    """Inductor really compiles (a two-site model, DReG at K = 3) and matches eager."""
+    batches = [torch.randn(5) for _ in range(3)]
+    loss = _compiled_against_eager(
+        lambda **kw: ImportanceWeightedELBO(
+            num_particles=3, estimator="dreg", max_plate_nesting=1, **kw
+        ),
+        _tiny_model,
+        _tiny_guide,
+        ["model_loc", "shift", "scale"],
+        batches,
+    )
+    (trace,) = loss._compiled.traces.values()
+    assert trace.compiled and loss._compiled.compile_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("name", ["iw-iwae-K1", "iw-stl-K3", "renyi-dreg", "decomposed-mss"])
+def test_inductor_compiled_vae_matches_eager(name):
+    """The compiled kernels of the small VAE equal eager (values, gradients, terms)."""
+    make = LOSSES[name]
+    batches = [_data(seed=1), _data(seed=2), _data(seed=3)]
+    pyro.clear_param_store()
+    _, eager = _runs(make, SmallVAE(), batches)
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither fallback
+        loss, compiled = _runs(lambda: make(jit="inductor"), SmallVAE(), batches)
+    _assert_same(eager, compiled)
+    (trace,) = loss._compiled.traces.values()
+    assert trace.compiled and loss._compiled.compile_count == 1
+
+
+_SUBSAMPLED_DATA = torch.linspace(-2.0, 2.0, 20)
+
+
+def _subsampled_model():
+    loc = pyro.param("model_loc", torch.tensor(0.1))
+    with pyro.plate("data", 20, subsample_size=5) as idx:
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=_SUBSAMPLED_DATA[idx])
+
+
+def _subsampled_guide():
+    shift = pyro.param("shift", torch.zeros(20))
+    with pyro.plate("data", 20, subsample_size=5) as idx:
+        pyro.sample("z", dist.Normal(_SUBSAMPLED_DATA[idx] / 2 + shift[idx], 0.8))
+
+
+def _subsampled_against_eager():
+    """Compare on three seeds; each seed draws another minibatch inside the graph."""
+    loss = _compiled_against_eager(
+        lambda **kw: ImportanceWeightedELBO(
+            num_particles=3, estimator="dreg", max_plate_nesting=1, **kw
+        ),
+        lambda x: _subsampled_model(),
+        lambda x: _subsampled_guide(),
+        ["model_loc", "shift"],
+        [None, None, None],
+    )
+    return loss
+
+
+def test_inductor_capture_redraws_the_subsample():
+    """The minibatch indices are drawn in the graph: a replay subsamples afresh, as eager."""
+    with _without_compiler(), pytest.warns(UserWarning, match="uncompiled"):
+        loss = _subsampled_against_eager()
+    assert loss._compiled.compile_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="needs a C++ compiler")
+def test_inductor_compiled_subsample_matches_eager():
+    """The compiled kernels redraw the subsample with torch's generator, as eager."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = _subsampled_against_eager()
+    (trace,) = loss._compiled.traces.values()
+    assert trace.compiled
