@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -195,10 +195,9 @@ class TrainingSession:
         """Whether the data live on a CUDA device."""
         return self.device.type == "cuda"
 
-    @contextmanager
     def call_context(
         self, batch: Batch, n_data: int | None = None
-    ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    ) -> AbstractContextManager[tuple[tuple[Any, ...], dict[str, Any]]]:
         """Arguments for the model and guide on ``batch``, under the data-plate scaling if any.
 
         Parameters
@@ -208,17 +207,25 @@ class TrainingSession:
         n_data : int, optional
             Full size of the data set the batch comes from (default: the training set).
 
-        Yields
-        ------
-        tuple
-            ``(args, kwargs)``: with the minibatch convention ``kwargs`` holds ``idx`` and
-            ``n_data``; with ``data_plate`` the call runs under :class:`DataPlateScaling`.
+        Returns
+        -------
+        contextlib.AbstractContextManager
+            Entering it gives ``(args, kwargs)``: with the minibatch convention ``kwargs`` holds
+            ``idx`` and ``n_data`` (a plain ``nullcontext``, nothing to undo); with
+            ``data_plate`` the call runs under :class:`DataPlateScaling`.
         """
         full_size = self.batching.n_data if n_data is None else n_data
         plate = self.config.data_plate
         if plate is None:
-            yield batch.args, {**batch.kwargs, "idx": batch.idx, "n_data": full_size}
-            return
+            return nullcontext(
+                (batch.args, {**batch.kwargs, "idx": batch.idx, "n_data": full_size})
+            )
+        return self._data_plate_call(batch, plate, full_size)
+
+    @contextmanager
+    def _data_plate_call(
+        self, batch: Batch, plate: str, full_size: int
+    ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
         scaling = DataPlateScaling(plate, full_size, batch.idx.shape[0])
         with scaling:
             yield batch.args, dict(batch.kwargs)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyro
 import pyro.poutine as poutine
@@ -54,8 +53,7 @@ def term_name(key: str) -> str:
     return f"term_{key}" if key in RESERVED_HISTORY_KEYS else key
 
 
-@dataclass(frozen=True)
-class StepOutcome:
+class StepOutcome(NamedTuple):
     """What one optimizer step produced.
 
     Attributes
