@@ -1342,17 +1342,21 @@ def trace_particles(
     site_pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for run in runs:
         model_terms = _model_terms(run.model_trace, scale_of)
-        guide_terms = _guide_terms(run.guide_trace, scale_of)
-        q_terms = guide_terms
-        if run.detached_guide_trace is not None:
-            q_terms = _guide_terms(run.detached_guide_trace, scale_of)
-        log_p_rows.append(_sum_terms(model_terms, targets, window, leading, size))
-        log_q_rows.append(_sum_terms(q_terms, targets, window, leading, size))
         nonreparam = [
             (name, site)
             for name, site in latent_sites(run.guide_trace)
             if not site["fn"].has_rsample
         ]
+        # STL / DReG: log q comes from the detached trace alone (every site has rsample), so the
+        # guide trace's own log-densities are only computed when a score term needs them
+        guide_terms = None
+        if run.detached_guide_trace is None or nonreparam:
+            guide_terms = _guide_terms(run.guide_trace, scale_of)
+        q_terms = guide_terms
+        if run.detached_guide_trace is not None:
+            q_terms = _guide_terms(run.detached_guide_trace, scale_of)
+        log_p_rows.append(_sum_terms(model_terms, targets, window, leading, size))
+        log_q_rows.append(_sum_terms(q_terms, targets, window, leading, size))
         if nonreparam:
             all_terms = [*model_terms, *guide_terms]
             score_total = None
@@ -1381,9 +1385,7 @@ def trace_particles(
                 score_total = per_point if score_total is None else score_total + per_point
             score_rows.append(score_total)
 
-    log_p = torch.cat(log_p_rows, 0)
-    log_q = torch.cat(log_q_rows, 0)
-    score = torch.cat(score_rows, 0) if score_rows else None
+    log_p, log_q, score = _stack_rows(log_p_rows), _stack_rows(log_q_rows), _stack_rows(score_rows)
     site_scores = tuple(
         SiteScore(
             name,
@@ -1407,6 +1409,13 @@ def trace_particles(
         site_scores=site_scores,
         whole_trace_scaled=whole_trace_scaled,
     )
+
+
+def _stack_rows(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """Concatenate per-run ``[S, P]`` rows on dim 0 (one run: that tensor, uncopied; none: None)."""
+    if not rows:
+        return None
+    return rows[0] if len(rows) == 1 else torch.cat(rows, 0)
 
 
 def check_finite_observations(trace: poutine.Trace) -> None:

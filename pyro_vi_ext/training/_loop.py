@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -167,6 +167,8 @@ class TrainingSession:
         Callbacks overriding ``on_step_end`` / ``on_epoch_end``.
     sync_stops : bool
         Whether a stop request must be shared across processes every step.
+    loss_has_set_step : bool
+        Whether the loss has a ``set_step`` method, called before every step (looked up once).
     term_keys : list of str or None
         Names of the loss terms (fixed by the first step).
     last_params : list of torch.Tensor
@@ -182,6 +184,7 @@ class TrainingSession:
     step_callbacks: tuple[Callback, ...]
     epoch_callbacks: tuple[Callback, ...]
     sync_stops: bool
+    loss_has_set_step: bool = False
     term_keys: list[str] | None = None
     last_params: list[torch.Tensor] = field(default_factory=list)
     data_plate_checked: bool = False
@@ -192,10 +195,9 @@ class TrainingSession:
         """Whether the data live on a CUDA device."""
         return self.device.type == "cuda"
 
-    @contextmanager
     def call_context(
         self, batch: Batch, n_data: int | None = None
-    ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    ) -> AbstractContextManager[tuple[tuple[Any, ...], dict[str, Any]]]:
         """Arguments for the model and guide on ``batch``, under the data-plate scaling if any.
 
         Parameters
@@ -205,17 +207,25 @@ class TrainingSession:
         n_data : int, optional
             Full size of the data set the batch comes from (default: the training set).
 
-        Yields
-        ------
-        tuple
-            ``(args, kwargs)``: with the minibatch convention ``kwargs`` holds ``idx`` and
-            ``n_data``; with ``data_plate`` the call runs under :class:`DataPlateScaling`.
+        Returns
+        -------
+        contextlib.AbstractContextManager
+            Entering it gives ``(args, kwargs)``: with the minibatch convention ``kwargs`` holds
+            ``idx`` and ``n_data`` (a plain ``nullcontext``, nothing to undo); with
+            ``data_plate`` the call runs under :class:`DataPlateScaling`.
         """
         full_size = self.batching.n_data if n_data is None else n_data
         plate = self.config.data_plate
         if plate is None:
-            yield batch.args, {**batch.kwargs, "idx": batch.idx, "n_data": full_size}
-            return
+            return nullcontext(
+                (batch.args, {**batch.kwargs, "idx": batch.idx, "n_data": full_size})
+            )
+        return self._data_plate_call(batch, plate, full_size)
+
+    @contextmanager
+    def _data_plate_call(
+        self, batch: Batch, plate: str, full_size: int
+    ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
         scaling = DataPlateScaling(plate, full_size, batch.idx.shape[0])
         with scaling:
             yield batch.args, dict(batch.kwargs)
@@ -316,6 +326,34 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+#: seconds between redraws of the progress bar (tqdm's ``mininterval``; tqdm's dynamic
+#: ``miniters`` then skips even the clock reading on most steps)
+_BAR_MININTERVAL = 0.25
+_NOT_IN_BAR = frozenset({"step", "epoch", "loss_total"})
+
+
+class _HistoryBar(tqdm):
+    """The progress bar: its postfix shows the latest history row, formatted only when drawn.
+
+    The loop hands every row to :attr:`latest_row` (one assignment); tqdm decides when to draw
+    (its ``mininterval`` and dynamic ``miniters``), and only then is the row formatted, in
+    :attr:`format_dict`, which tqdm's terminal and notebook front ends both read to draw.
+    """
+
+    latest_row: Mapping[str, float] | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        """Tqdm's drawing inputs, the postfix first refreshed from :attr:`latest_row`."""
+        row = self.latest_row
+        if row is not None:
+            self.latest_row = None
+            self.set_postfix(
+                {k: f"{v:.4g}" for k, v in row.items() if k not in _NOT_IN_BAR}, refresh=False
+            )
+        return super().format_dict
+
+
 def _resolve_device(device: str | torch.device | None, data: Any) -> torch.device:
     if device is not None:
         resolved = torch.device(device)
@@ -375,6 +413,7 @@ def _make_session(config: FitConfig, data: Any, eval_data: Any) -> TrainingSessi
             c for c in callbacks if type(c).on_epoch_end is not Callback.on_epoch_end
         ),
         sync_stops=context.active and any(not c.rank_consistent for c in callbacks),
+        loss_has_set_step=config.loss_has_set_step,
     )
 
 
@@ -589,7 +628,8 @@ def _train(
 ) -> tuple[StopReason, str]:
     config, context, batching = session.config, session.context, session.batching
     per_step_schedule = config.is_scheduler and config.scheduler_interval == "step"
-    last_post = 0.0
+    distributed = context.active
+    show_progress = not bar.disable
     batches = None
     stop = False
     interrupted = False
@@ -616,19 +656,9 @@ def _train(
         if state.step_in_epoch == batching.steps_per_epoch:
             state.epoch_end_pending = True
             batches = None
-        bar.update(1)
-        if not bar.disable:
-            now = time.monotonic()
-            if now - last_post > 0.25 or state.step == batching.total_steps:
-                last_post = now
-                bar.set_postfix(
-                    {
-                        k: f"{v:.4g}"
-                        for k, v in row.items()
-                        if k not in ("step", "epoch", "loss_total")
-                    },
-                    refresh=False,
-                )
+        if show_progress:
+            bar.latest_row = row
+            bar.update(1)
         if session.step_callbacks:
             info = StepInfo(state.step, state.epoch, row)
             for callback in session.step_callbacks:
@@ -641,7 +671,7 @@ def _train(
             stop = True
         if session.sync_stops:
             stop = context.any_flag(stop)
-        if not context.active:
+        if not distributed:
             interrupted = sigint.set
         stop = stop or interrupted
         if (
@@ -737,13 +767,14 @@ def run_training(config: FitConfig, data: Any, eval_data: Any) -> FitResult:
     show = context.is_main and (
         sys.stderr.isatty() if config.progress is None else bool(config.progress)
     )
-    bar = tqdm(
+    bar = _HistoryBar(
         total=session.batching.total_steps,
         initial=state.step,
         disable=not show,
         desc="fit",
         unit="step",
         dynamic_ncols=True,
+        mininterval=_BAR_MININTERVAL,
     )
     reason: StopReason = "completed"
     try:

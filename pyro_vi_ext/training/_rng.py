@@ -218,10 +218,18 @@ def isolated_rng(cuda: bool, seed: int | None = None) -> Iterator[None]:
     >>> torch.equal(before, torch.get_rng_state())
     True
     """
-    saved = capture_rng_state(cuda)
+    # the generators' own state objects, kept in memory: no conversion to checkpointable tensors
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()  # noqa: NPY002 - the global state is what Pyro seeds
     try:
         if seed is not None:
             pyro.set_rng_seed(seed)
         yield
     finally:
-        restore_rng_state(saved)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002

@@ -1,0 +1,81 @@
+"""The cheap per-step pieces of ``fit``: gradient norm, progress postfix, RNG isolation."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vi_ext.training._loop import _HistoryBar
+from pyro_vi_ext.training._rng import isolated_rng
+from pyro_vi_ext.training._step import global_norm_value, total_norm
+
+
+def _grads(seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(64, 32), (32,), (8, 64), (8,), ()]
+    return [torch.randn(shape, generator=generator) for shape in shapes]
+
+
+def test_global_norm_value_is_the_norm_of_all_elements():
+    """Check: equals the float64 norm of every element concatenated, and the tensor version."""
+    grads = _grads()
+    flat = torch.cat([g.reshape(-1).double() for g in grads])
+    expected = float(torch.sqrt((flat**2).sum()))
+    assert global_norm_value(grads) == pytest.approx(expected, rel=1e-6)
+    assert global_norm_value(grads) == pytest.approx(float(total_norm(grads)), rel=1e-6)
+    assert global_norm_value([torch.tensor([3.0]), torch.tensor([4.0])]) == 5.0
+    assert global_norm_value([]) == 0.0
+
+
+def test_global_norm_value_mixed_dtypes_take_the_general_path():
+    """Check: float32 and float64 gradients together give the same norm."""
+    grads = _grads(1)
+    mixed = [g.double() if i % 2 else g for i, g in enumerate(grads)]
+    assert global_norm_value(mixed) == pytest.approx(global_norm_value(grads), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_global_norm_value_is_not_finite_with_a_bad_element(bad):
+    """Check: one NaN or inf element makes the norm non-finite (the step is then refused)."""
+    grads = _grads()
+    grads[2][3, 5] = bad
+    assert not math.isfinite(global_norm_value(grads))
+
+
+def test_progress_postfix_is_formatted_only_when_the_bar_draws():
+    """Check: rows handed to the bar are formatted when tqdm draws, the latest one shown."""
+    stream = io.StringIO()
+    bar = _HistoryBar(total=3, file=stream, mininterval=3600.0, desc="fit")
+    try:
+        bar.latest_row = {"step": 1.0, "epoch": 0.0, "loss": 2.5, "loss_total": 25.0}
+        bar.update(1)
+        bar.latest_row = {"step": 2.0, "epoch": 0.0, "loss": 1.25, "loss_total": 12.5}
+        bar.update(1)
+        assert not bar.postfix  # nothing drawn within mininterval: nothing formatted
+        text = str(bar)
+        assert "loss=1.25" in text and "loss_total" not in text and "step=" not in text
+        assert bar.latest_row is None  # formatted once
+    finally:
+        bar.close()
+    assert "loss=1.25" in stream.getvalue().splitlines()[-1].split("\r")[-1]
+
+
+def test_isolated_rng_restores_torch_python_and_numpy():
+    """Check: draws inside the block leave every global generator where it was."""
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)  # noqa: NPY002 - the global state is what is isolated
+    expected = (torch.rand(2), random.random(), np.random.rand())  # noqa: NPY002
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)  # noqa: NPY002
+    with isolated_rng(cuda=False, seed=11):
+        torch.rand(5), random.random(), np.random.rand(4)  # noqa: NPY002
+    after = (torch.rand(2), random.random(), np.random.rand())  # noqa: NPY002
+    assert torch.equal(after[0], expected[0])
+    assert after[1] == expected[1] and after[2] == expected[2]
