@@ -25,6 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_vi_ext.diagnostics._reference_subset import subset_log_aggregate
 from pyro_vi_ext.diagnostics._repr import short_repr
 from pyro_vi_ext.infer._aggregate import SampleTerms, exact_log_aggregate
 from pyro_vi_ext.infer._code_layout import (
@@ -34,6 +35,7 @@ from pyro_vi_ext.infer._code_layout import (
     code_sources,
     find_code_layout,
 )
+from pyro_vi_ext.infer._kernels import canonical_normal
 from pyro_vi_ext.infer._weights import (
     ParticleWeights,
     common_user_scale,
@@ -73,6 +75,14 @@ class SurgeryResult:
         :math:`D`, the code's scalars per point.
     log_num_points : float
         :math:`\log N`, the upper bound of the index-code MI.
+    reference_size : int or None
+        ``None`` for the exact aggregate posterior (every point); else :math:`M`, the size of the
+        random reference subsets of :func:`elbo_surgery`'s subset mode.
+    reference_standard_errors : dict of str to float or None
+        Subset mode: the part of each standard error due to the reference subsets (zero for
+        ``reconstruction`` and ``elbo``); :attr:`standard_errors` already includes it.
+    num_reference_subsets : int or None
+        Subset mode: the independent reference subsets drawn (one per block of points).
     """
 
     means: dict[str, float]
@@ -82,13 +92,24 @@ class SurgeryResult:
     code_sites: tuple[str, ...]
     code_dim: int
     log_num_points: float = field(init=False)
+    reference_size: int | None = None
+    reference_standard_errors: dict[str, float] | None = None
+    num_reference_subsets: int | None = None
 
     def __repr__(self) -> str:
-        return short_repr(self)
+        """Return a one-line summary that starts with the :attr:`mode`."""
+        text = short_repr(self)
+        name = type(self).__name__
+        return f"{name}(mode={self.mode!r}, {text[len(name) + 1 :]}"
 
     def __post_init__(self):
         """Set :attr:`log_num_points` from :attr:`num_points`."""
         object.__setattr__(self, "log_num_points", math.log(self.num_points))
+
+    @property
+    def mode(self) -> str:
+        """``"exact"`` (every point in the aggregate) or ``"subset"`` (random reference subsets)."""
+        return "exact" if self.reference_size is None else "subset"
 
     def __getitem__(self, term: str) -> tuple[float, float]:
         """``(mean, standard error)`` of a term."""
@@ -100,10 +121,24 @@ class SurgeryResult:
             f"ELBO surgery: N = {self.num_points}, {self.num_samples} sample(s) per point, "
             f"code {', '.join(self.code_sites)} (D = {self.code_dim}), log N = "
             f"{self.log_num_points:.3f}",
-            f"{'term':<20}{'nats/point':>14}{'std. error':>14}",
         ]
+        if self.reference_standard_errors is None:
+            lines.append("aggregate posterior: exact (all N points)")
+            lines.append(f"{'term':<20}{'nats/point':>14}{'std. error':>14}")
+            for term in SURGERY_TERMS:
+                mean, error = self.means[term], self.standard_errors[term]
+                lines.append(f"{term:<20}{mean:>14.4f}{error:>14.4f}")
+            return "\n".join(lines)
+        lines.append(
+            f"aggregate posterior: reference subsets of M = {self.reference_size} points "
+            f"({self.num_reference_subsets} independent subsets, delta-method bias correction); "
+            "the std. error includes the subset error"
+        )
+        lines.append(f"{'term':<20}{'nats/point':>14}{'std. error':>14}{'of which subset':>17}")
         for term in SURGERY_TERMS:
-            lines.append(f"{term:<20}{self.means[term]:>14.4f}{self.standard_errors[term]:>14.4f}")
+            mean, error = self.means[term], self.standard_errors[term]
+            subset = self.reference_standard_errors[term]
+            lines.append(f"{term:<20}{mean:>14.4f}{error:>14.4f}{subset:>17.4f}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -163,6 +198,8 @@ def elbo_surgery(
     data_plate: str | None = None,
     chunk_size: int | None = None,
     max_plate_nesting: int | None = None,
+    reference_size: int | None = None,
+    generator: torch.Generator | None = None,
     **kwargs,
 ) -> SurgeryResult:
     r"""Decompose the ELBO of a trained model and guide over a whole dataset, exactly [1]_.
@@ -251,6 +288,7 @@ def elbo_surgery(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_subset_arguments(reference_size, generator)
 
     with torch.no_grad():
         plan = _surgery_plan(
@@ -265,7 +303,14 @@ def elbo_surgery(
             code_sites,
             max_plate_nesting,
         )
-        columns, values, pieces = [], [], []
+        n = plan.dataset_size
+        if reference_size is not None and reference_size > n - 1:
+            raise ValueError(
+                f"elbo_surgery: reference_size={reference_size} exceeds N - 1 = {n - 1}, the "
+                "other points of the dataset; pass at most N - 1 (N - 1 gives the exact value) "
+                "or reference_size=None for the exact mode."
+            )
+        columns, values, normal_parameters, pieces = [], [], [], []
         for idx, keep, (call_args, call_kwargs), fix in plan.batches():
             blocks, per_sample = _trace_batch(
                 model, guide, call_args, call_kwargs, idx, keep, fix, plan, num_samples
@@ -274,16 +319,33 @@ def elbo_surgery(
             if keep is not None:
                 sample_values = [v[:, keep] for v in sample_values]
                 per_sample = {k: v[:, keep] for k, v in per_sample.items()}
-            columns.append(blocks)
+            if reference_size is None:
+                columns.append(blocks)
+            else:  # keep only the per-point Normal parameters, not the traced blocks
+                normal_parameters.append(_normal_parameters(blocks, keep))
             values.append(sample_values)
             pieces.append(per_sample)
 
-        n = plan.dataset_size
         covered = sum(p["log_w"].shape[1] for p in pieces)
         if covered != n:
             raise RuntimeError(f"elbo_surgery covered {covered} points instead of N = {n}")
         values_all = [torch.cat(v, 1) for v in zip(*values, strict=True)]
-        log_agg, log_marg = exact_log_aggregate(columns, values_all, n, chunk_size)
+        subset = None
+        if reference_size is None:
+            log_agg, log_marg = exact_log_aggregate(columns, values_all, n, chunk_size)
+        else:
+            if generator is None:  # one draw from the global RNG, after the codes
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+                generator = torch.Generator().manual_seed(seed)
+            z_all = torch.cat(values_all, -1) if len(values_all) > 1 else values_all[0]
+            loc_all = torch.cat([p[0] for p in normal_parameters], 1)
+            scale_all = torch.cat([p[1] for p in normal_parameters], 1)
+            del normal_parameters
+            subset = subset_log_aggregate(
+                z_all, loc_all, scale_all, reference_size, generator, chunk_size
+            )
+            log_agg = subset.log_aggregate.to(z_all.dtype)
+            log_marg = subset.log_marginals.to(z_all.dtype)
         per_sample = {k: torch.cat([p[k] for p in pieces], 1) for k in pieces[0]}
         log_jacobian = per_sample["log_jacobian"]
         terms = SampleTerms(
@@ -303,6 +365,13 @@ def elbo_surgery(
         samples["reconstruction"] = log_w + terms.log_q_code - terms.log_p_code
     means = {t: float(samples[t].double().mean()) for t in SURGERY_TERMS}
     errors = {t: _standard_error(samples[t]) for t in SURGERY_TERMS}
+    subset_errors = None
+    if subset is not None:
+        subset_errors = {
+            t: math.sqrt(subset.variances.get(t, 0.0) + subset.bias_corrections.get(t, 0.0) ** 2)
+            for t in SURGERY_TERMS
+        }
+        errors = {t: math.hypot(errors[t], subset_errors[t]) for t in SURGERY_TERMS}
     return SurgeryResult(
         means=means,
         standard_errors=errors,
@@ -310,7 +379,50 @@ def elbo_surgery(
         num_samples=num_samples,
         code_sites=plan.layout.code_sites,
         code_dim=sum(v.shape[-1] for v in values_all),
+        reference_size=reference_size,
+        reference_standard_errors=subset_errors,
+        num_reference_subsets=None if subset is None else subset.num_blocks,
     )
+
+
+def _check_subset_arguments(reference_size: int | None, generator: torch.Generator | None) -> None:
+    if reference_size is None:
+        if generator is not None:
+            raise ValueError(
+                "elbo_surgery: generator draws the reference subsets, so it needs reference_size "
+                "(the exact mode, reference_size=None, draws no subsets)"
+            )
+        return
+    if isinstance(reference_size, bool) or not isinstance(reference_size, int):
+        raise TypeError(
+            f"elbo_surgery: reference_size must be an int or None, got {reference_size!r}"
+        )
+    if reference_size < 2:
+        raise ValueError(
+            f"elbo_surgery: reference_size must be at least 2 (the subset's own spread gives its "
+            f"bias correction and standard error), got {reference_size}"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            "elbo_surgery: generator must be a torch.Generator or None, got "
+            f"{type(generator).__name__}"
+        )
+
+
+def _normal_parameters(blocks, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the code's per-point ``(loc, scale)`` ``[S', B, D]`` for the subset mode."""
+    params = canonical_normal(blocks)
+    if params is None:
+        names = ", ".join(f"'{b.name}'" for b in blocks)
+        raise ValueError(
+            f"elbo_surgery: reference_size needs a factorized Normal code (an Independent of "
+            f"Normal, or an AutoNormal guide); code site(s) {names} are not. Use "
+            "reference_size=None for the exact decomposition of other families."
+        )
+    loc, scale = params
+    if keep is not None:
+        loc, scale = loc[:, keep], scale[:, keep]
+    return loc.detach(), scale.detach()
 
 
 @dataclass
