@@ -65,11 +65,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-REFERENCE_BLOCK_ELEMENTS = 2**21
-"""Bound on the elements of one ``[S, rows, D, M + 1]`` block (8 MiB in float32)."""
+REFERENCE_BLOCK_ELEMENTS = 2**19
+"""Bound on the elements of one ``[S, rows, D, M + 1]`` block (2 MiB in float32)."""
 
 MAX_POINTS_PER_REFERENCE = 4096
 """At most this many points share one reference subset."""
@@ -78,6 +79,9 @@ MIN_REFERENCE_BLOCKS = 64
 """Datasets of at least this many points get at least this many independent subsets."""
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+_LOG2E = 1.0 / math.log(2.0)  # the marginals' exponentials are taken base 2 (the faster kernel)
+_LN2 = math.log(2.0)
+_MIN_EXP2 = -126.0  # 2^-126, the smallest normal float32: below it exp2 takes a slow path
 
 
 @dataclass(frozen=True)
@@ -191,33 +195,45 @@ def subset_log_aggregate(
         dropped = torch.full((stop - start,), m, dtype=torch.long, device=device)
         inside = (reference >= start) & (reference < stop)
         dropped[reference[inside] - start] = torch.nonzero(inside).flatten()
-        col_loc = loc[:, reference].transpose(1, 2)[:, None]  # [S', 1, D, M+1]
-        col_inv = inv_scale[:, reference].transpose(1, 2)[:, None]
-        col_norm = log_norm[:, reference].transpose(1, 2)[:, None]
+        columns = _ReferenceColumns(
+            loc[:, reference], inv_scale[:, reference], log_norm[:, reference]
+        )
         joint_columns = torch.zeros(m + 1, dtype=torch.float64, device=device)
         marginal_columns = torch.zeros(m + 1, dtype=torch.float64, device=device)
         for row in range(start, stop, rows_per_chunk):
             rows = slice(row, min(row + rows_per_chunk, stop))
             z_rows = z[:, rows]  # [S, r, D]
             own = -0.5 * ((z_rows - loc[:, rows]) * inv_scale[:, rows]).square() + log_norm[:, rows]
-            log_k = torch.sub(z_rows[..., None], col_loc).mul_(col_inv).square_()
-            log_k.mul_(-0.5).add_(col_norm)  # [S, r, D, M+1]: log q(z_{n,d} | x_m)
-            row_index = torch.arange(log_k.shape[1], device=device)
-            log_k[:, row_index, :, dropped[row - start : rows.stop - start]] = -math.inf
-            joint, joint_rho, joint_variance = _estimate(
-                log_k.sum(2), own.sum(-1), n, log_ref_weight, m, keep_fraction
+            drop = (
+                torch.arange(z_rows.shape[1], device=device),
+                dropped[row - start : rows.stop - start],
             )
-            marginal, marginal_rho, marginal_variance = _estimate(
-                log_k, own, n, log_ref_weight, m, keep_fraction
+            estimate = partial(
+                _estimate,
+                own_weight_inverse=n,
+                log_ref_weight=log_ref_weight,
+                m=m,
+                keep_fraction=keep_fraction,
             )
+            log_k = columns.joint(z_rows)  # [S, r, M+1], float64
+            log_k[:, drop[0], drop[1]] = -math.inf
+            joint, joint_variance, joint_rho = estimate(log_k, own.sum(-1).double())
+            shifted, peak = columns.marginal_shifted(z_rows)  # [S, r, D, M+1]
+            shifted[:, drop[0], :, drop[1]] = 0.0
+            marginal = _estimate_shifted(shifted, peak, own, n, log_ref_weight, m, keep_fraction)
+            if marginal is None:  # a row's reference terms all underflowed: the stable path
+                log_k = columns.marginal_log_densities(z_rows)
+                log_k[:, drop[0], :, drop[1]] = -math.inf
+                marginal = estimate(log_k, own)
+            marginal, marginal_variance, marginal_rho = marginal
+            del log_k, shifted
             joint_correction_sum += 0.5 * float(joint_variance.sum(dtype=torch.float64))
             marginal_correction_sum += 0.5 * float(marginal_variance.sum(dtype=torch.float64))
-            log_aggregate[:, rows] = joint
+            log_aggregate[:, rows] = joint.to(work)
             log_marginals[:, rows] = marginal
             # column contributions y_{n,m} = M rho_{n,m}, summed over the block's rows and samples
-            joint_columns += m * joint_rho.sum((0, 1), dtype=torch.float64)
-            marginal_columns += m * marginal_rho.sum((0, 1, 2), dtype=torch.float64)
-            del log_k, joint_rho, marginal_rho
+            joint_columns += m * joint_rho.double()
+            marginal_columns += m * marginal_rho.double()
         count = num_samples * (stop - start)
         joint_columns /= count
         marginal_columns /= count
@@ -241,6 +257,83 @@ def subset_log_aggregate(
     return ReferenceSubsetEstimate(log_aggregate, log_marginals, variances, num_blocks, corrections)
 
 
+class _ReferenceColumns:
+    r"""The Normal parameters of one reference subset, arranged for the row blocks.
+
+    With :math:`a = 1/(\sqrt2 s)` and :math:`b = a \mu`: :math:`\log q(z_d \mid x_m) = c_{md}
+    - (a_{md} z_d - b_{md})^2`, :math:`c = -\log s - \log\sqrt{2\pi}`.
+    """
+
+    def __init__(self, loc: torch.Tensor, inv_scale: torch.Tensor, log_norm: torch.Tensor):
+        a = inv_scale * math.sqrt(0.5)  # [S', M+1, D]
+        b = a * loc
+        self.log_norm = log_norm
+        # joint, as a matrix product in float64: sum_d c - a^2 z^2 + 2 a b z - b^2
+        self.joint_weight = torch.cat([-a.square(), 2 * a * b], -1).double().transpose(1, 2)
+        self.joint_bias = (log_norm - b.square()).sum(-1).double()[:, None]  # [S', 1, M+1]
+        # marginals in base 2, shifted by the columns' largest density so nothing overflows
+        self.a2 = (a * math.sqrt(_LOG2E)).transpose(1, 2)[:, None].contiguous()  # [S', 1, D, M+1]
+        self.minus_b2 = -(b * math.sqrt(_LOG2E)).transpose(1, 2)[:, None].contiguous()
+        log2_norm = (log_norm * _LOG2E).transpose(1, 2)[:, None]
+        self.peak2 = log2_norm.amax(-1, keepdim=True)  # [S', 1, D, 1]
+        self.shifted_norm2 = (log2_norm - self.peak2).contiguous()
+
+    def joint(self, z_rows: torch.Tensor) -> torch.Tensor:
+        r"""Return ``[S, r, M+1]`` (float64) :math:`\log q(z_n \mid x_m)`."""
+        z = z_rows.double()
+        features = torch.cat([z.square(), z], -1)  # [S, r, 2D]
+        return torch.matmul(features, self.joint_weight).add_(self.joint_bias)
+
+    def marginal_shifted(self, z_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Return :math:`q(z_{n,d} \mid x_m) / e^{p_d}` ``[S, r, D, M+1]`` and :math:`p_d`."""
+        u = torch.addcmul(self.minus_b2, z_rows[..., None], self.a2)
+        shifted = torch.addcmul(self.shifted_norm2, u, u, value=-1.0).clamp_min_(_MIN_EXP2)
+        del u
+        return shifted.exp2_(), self.peak2.squeeze(-1) * _LN2
+
+    def marginal_log_densities(self, z_rows: torch.Tensor) -> torch.Tensor:
+        r"""Return ``[S, r, D, M+1]`` :math:`\log q(z_{n,d} \mid x_m)` (the stable path)."""
+        u = torch.addcmul(self.minus_b2, z_rows[..., None], self.a2)
+        log2_k = torch.addcmul(self.shifted_norm2 + self.peak2, u, u, value=-1.0)
+        return log2_k.mul_(_LN2)
+
+
+def _estimate_shifted(
+    shifted: torch.Tensor,
+    peak: torch.Tensor,
+    own: torch.Tensor,
+    own_weight_inverse: int,
+    log_ref_weight: float,
+    m: int,
+    keep_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """As :func:`_estimate`, from ``shifted = exp(log_k - peak)``; ``None`` on an underflow."""
+    reference_sum = shifted.sum(-1)
+    if not bool((reference_sum > torch.finfo(shifted.dtype).tiny * 2**24).all()):
+        return None
+    log_reference = reference_sum.log_() + peak + log_ref_weight
+    return _finish(
+        shifted, peak, log_reference, own, own_weight_inverse, log_ref_weight, m, keep_fraction
+    )
+
+
+def _finish(
+    shifted, peak, log_reference, own, own_weight_inverse, log_ref_weight, m, keep_fraction
+):
+    r"""Return the corrected :math:`\log \hat q`, :math:`\hat V_n`, the columns' sums of rho."""
+    log_q = torch.logaddexp(own - math.log(own_weight_inverse), log_reference)
+    # rho_{n,m} = (N-1)/(N M) q(z_n | x_m) / q_hat(z_n) = shifted * row_scale: each in [0, 1]
+    row_scale = torch.exp(peak + log_ref_weight - log_q)
+    rho_sum = torch.exp(log_reference - log_q)
+    rho_square_sum = torch.linalg.vector_norm(shifted, dim=-1).square_() * row_scale.square()
+    # V_n = (1 - M/(N-1)) s_y^2 / M with y = M rho over the M used columns
+    variance = keep_fraction * (m * rho_square_sum - rho_sum.square()) / (m - 1)
+    variance = variance.clamp_min(0.0)
+    flat = shifted.reshape(-1, shifted.shape[-1])
+    column_sums = row_scale.reshape(-1).to(flat.dtype) @ flat
+    return log_q + 0.5 * variance, variance, column_sums
+
+
 def _estimate(
     log_k: torch.Tensor,
     own: torch.Tensor,
@@ -249,22 +342,18 @@ def _estimate(
     m: int,
     keep_fraction: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Bias-corrected :math:`\log \hat q` over the last dim of ``log_k``, and :math:`\rho`.
+    r"""Bias-corrected :math:`\log \hat q` over the last dim of ``log_k``, and more.
 
     ``log_k`` ``[..., M+1]`` holds the reference log-densities (the left-out column at
     ``-inf``), ``own`` ``[...]`` the own log-density, weighted ``1 / own_weight_inverse``
     (:math:`1/N`); ``log_ref_weight`` is :math:`\log \frac{N-1}{N M}`. ``log_k`` is
-    overwritten (it becomes :math:`\rho`). Also returns :math:`\hat V_n`.
+    overwritten. Returns the corrected :math:`\log \hat q` ``[...]``, :math:`\hat V_n`
+    ``[...]`` and the column sums :math:`\sum_{\dots} \rho_{\dots, m}` ``[M+1]``.
     """
     peak = log_k.amax(-1, keepdim=True)  # finite: every row keeps M >= 2 columns
-    rho = log_k.sub_(peak).exp_()  # q(z | x_m) / exp(peak)
-    log_reference = rho.sum(-1).log_() + peak.squeeze(-1) + log_ref_weight
-    log_q = torch.logaddexp(own - math.log(own_weight_inverse), log_reference)
-    # rho_{n,m} = (N-1)/(N M) q(z_n | x_m) / q_hat(z_n): each in [0, 1], their sum at most 1
-    rho.mul_(torch.exp(peak.squeeze(-1) + log_ref_weight - log_q)[..., None])
-    rho_sum = torch.exp(log_reference - log_q)
-    rho_square_sum = torch.linalg.vecdot(rho, rho)
-    # V_n = (1 - M/(N-1)) s_y^2 / M with y = M rho over the M used columns
-    variance = keep_fraction * (m * rho_square_sum - rho_sum.square()) / (m - 1)
-    variance = variance.clamp_min(0.0)
-    return log_q + 0.5 * variance, rho, variance
+    shifted = log_k.sub_(peak).exp_()  # q(z | x_m) / exp(peak)
+    peak = peak.squeeze(-1)
+    log_reference = shifted.sum(-1).log_() + peak + log_ref_weight
+    return _finish(
+        shifted, peak, log_reference, own, own_weight_inverse, log_ref_weight, m, keep_fraction
+    )
