@@ -82,6 +82,7 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _LOG2E = 1.0 / math.log(2.0)  # the marginals' exponentials are taken base 2 (the faster kernel)
 _LN2 = math.log(2.0)
 _MIN_EXP2 = -126.0  # 2^-126, the smallest normal float32: below it exp2 takes a slow path
+_MIN_SHIFTED_SUM = 2.0**-40  # the fast marginal path needs row sums above this (see its use)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,13 @@ def subset_log_aggregate(
     block_points = points_per_reference_block(n)
     default_rows = max(1, REFERENCE_BLOCK_ELEMENTS // (num_samples * dim * (m + 1)))
     rows_per_chunk = int(chunk_size) if chunk_size is not None else default_rows
+    estimate = partial(
+        _estimate,
+        own_weight_inverse=n,
+        log_ref_weight=log_ref_weight,
+        m=m,
+        keep_fraction=keep_fraction,
+    )
     num_blocks = 0
     joint_correction_sum = marginal_correction_sum = 0.0
     for start in range(0, n, block_points):
@@ -208,13 +216,6 @@ def subset_log_aggregate(
                 torch.arange(z_rows.shape[1], device=device),
                 dropped[row - start : rows.stop - start],
             )
-            estimate = partial(
-                _estimate,
-                own_weight_inverse=n,
-                log_ref_weight=log_ref_weight,
-                m=m,
-                keep_fraction=keep_fraction,
-            )
             log_k = columns.joint(z_rows)  # [S, r, M+1], float64
             log_k[:, drop[0], drop[1]] = -math.inf
             joint, joint_variance, joint_rho = estimate(log_k, own.sum(-1).double())
@@ -237,14 +238,14 @@ def subset_log_aggregate(
         count = num_samples * (stop - start)
         joint_columns /= count
         marginal_columns /= count
-        columns = {
+        term_columns = {
             "index_code_mi": -joint_columns,
             "total_correlation": joint_columns - marginal_columns,
             "dimwise_kl": marginal_columns,
             "marginal_kl": joint_columns,
         }
         weight = ((stop - start) / n) ** 2
-        for term, values in columns.items():
+        for term, values in term_columns.items():
             variances[term] += weight * keep_fraction * float(values.var(unbiased=True)) / m
     joint_correction = joint_correction_sum / (num_samples * n)
     marginal_correction = marginal_correction_sum / (num_samples * n)
@@ -309,7 +310,9 @@ def _estimate_shifted(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """As :func:`_estimate`, from ``shifted = exp(log_k - peak)``; ``None`` on an underflow."""
     reference_sum = shifted.sum(-1)
-    if not bool((reference_sum > torch.finfo(shifted.dtype).tiny * 2**24).all()):
+    # rho = shifted * row_scale with row_scale <= 1 / reference_sum: below 2^-40 the squares of
+    # shifted lose their precision (float32) and row_scale^2 can overflow, so take the stable path
+    if not bool((reference_sum >= _MIN_SHIFTED_SUM).all()):
         return None
     log_reference = reference_sum.log_() + peak + log_ref_weight
     return _finish(

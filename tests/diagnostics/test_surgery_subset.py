@@ -268,3 +268,19 @@ def test_non_normal_code_is_an_error_naming_the_site():
 
     with pytest.raises(ValueError, match="code site\\(s\\) 'z' are not.*reference_size=None"):
         elbo_surgery(model, guide, max_plate_nesting=1, reference_size=5)
+
+
+def test_underflowing_marginals_take_the_stable_path():
+    """Match float64 brute force when a row's shifted reference terms all underflow.
+
+    One reference point is 10^20 times narrower than the rest, so the shift by the columns'
+    largest density underflows every term of the rows far from it; at M = N - 1 the estimate is
+    exact.
+    """
+    loc = torch.tensor([[0.0], [0.0], [3.0], [50.0], [51.0]])
+    scale = torch.tensor([[1e-20], [1.0], [1.0], [1.0], [1.0]])
+    z = torch.tensor([[[0.0], [0.5], [3.5], [50.5], [51.2]]])
+    estimate = subset_log_aggregate(z, loc[None], scale[None], 4, torch.Generator())
+    pair = torch.distributions.Normal(loc.double(), scale.double()).log_prob(z.double()[:, :, None])
+    expected = torch.logsumexp(pair, -2) - math.log(5)  # [1, 5, 1]
+    torch.testing.assert_close(estimate.log_marginals.double(), expected, rtol=1e-5, atol=1e-4)
