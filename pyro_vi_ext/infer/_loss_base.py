@@ -12,6 +12,8 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from pyro.infer import ELBO
@@ -110,7 +112,7 @@ class ParticleELBO(ELBO):
         self.max_plate_nesting = (
             float("inf") if max_plate_nesting is None else int(max_plate_nesting)
         )
-        self.last_terms: dict[str, float] = {}
+        self.last_terms = {}
         self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
         # what only changes with the model's structure (checks passed, detachability), keyed on it
         self._structure_cache: dict = {}
@@ -148,6 +150,32 @@ class ParticleELBO(ELBO):
             yield terms
         finally:
             self._deferred_terms, self.tracing = saved
+
+    #: what the terms of the last call are computed from on first read (see :attr:`last_terms`)
+    _pending_terms: PendingTerms | None = None
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        """The reported terms of the last call (nats per data point), computed on first read."""
+        pending = self._pending_terms
+        if pending is not None:
+            self._pending_terms = None
+            self._last_terms = pending.evaluate()
+        return self._last_terms
+
+    @last_terms.setter
+    def last_terms(self, terms: dict[str, float]) -> None:
+        self._pending_terms = None
+        self._last_terms = terms
+
+    def _set_pending_terms(self, pending: PendingTerms) -> None:
+        """Store what the terms are computed from; :attr:`last_terms` evaluates it when read.
+
+        A step that nobody reads the terms of then pays neither their small tensor operations
+        nor the float reads (one synchronization each on an accelerator).
+        """
+        self._last_terms = {}
+        self._pending_terms = pending
 
     def _set_terms(self, terms: dict[str, torch.Tensor | float]) -> None:
         """Store the reported terms: as floats, or as tensors while they are deferred."""
@@ -394,15 +422,55 @@ class BoundELBO(ParticleELBO):
         return surrogate_loss(value, surrogate)
 
     def _record_terms(self, weights: ParticleWeights, log_weights, value) -> None:
+        terms = _BoundTerms(
+            self.bound_term,
+            value.detach(),
+            log_weights.detach(),
+            weights.scale,
+            weights.points_represented,
+        )
+        if self._deferred_terms is not None:  # compiled: the terms are outputs of the graph
+            with torch.no_grad():
+                self._set_terms(terms.tensors())
+        else:
+            self._set_pending_terms(terms)
+
+
+class PendingTerms(Protocol):
+    """What a loss's terms are computed from when :attr:`ParticleELBO.last_terms` is read."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Return the terms as floats."""
+        ...
+
+
+@dataclass(frozen=True)
+class _BoundTerms:
+    """A bound loss's reported terms, kept as the detached tensors they are computed from.
+
+    The tensors are results of the step (no parameter, no in-place update touches them), so a
+    read after later steps still gives this step's terms.
+    """
+
+    bound_term: str
+    value: torch.Tensor
+    log_weights: torch.Tensor
+    scale: float
+    points_represented: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return the terms as 0-d tensors."""
+        per_point = self.scale / self.points_represented
+        return {
+            self.bound_term: self.value / self.points_represented,
+            "elbo": elbo_bound(self.log_weights).mean(0).sum() * per_point,
+            "ess": effective_sample_size(self.log_weights).mean(),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Return the terms as floats."""
         with torch.no_grad():
-            per_point = weights.scale / weights.points_represented
-            self._set_terms(
-                {
-                    self.bound_term: value / weights.points_represented,
-                    "elbo": elbo_bound(log_weights).mean(0).sum() * per_point,
-                    "ess": effective_sample_size(log_weights).mean(),
-                }
-            )
+            return {name: float(term) for name, term in self.tensors().items()}
 
 
 def _checked_float(value: torch.Tensor | float) -> float:
@@ -412,4 +480,4 @@ def _checked_float(value: torch.Tensor | float) -> float:
     return number
 
 
-__all__ = ["BoundELBO", "ParticleELBO"]
+__all__ = ["BoundELBO", "ParticleELBO", "PendingTerms"]
