@@ -333,6 +333,14 @@ class BoundELBO(ParticleELBO):
         """Return the value per point ``[P]`` reported and returned (default: the bound's mean)."""
         return self.bound().value(log_weights).mean(0)
 
+    def reports_bound_value(self) -> bool:
+        """Return whether :meth:`reported_value` is the bound's mean (computed once per call).
+
+        True when :meth:`reported_value` is not overridden; a subclass whose override returns the
+        default for its configuration says so here.
+        """
+        return type(self).reported_value is BoundELBO.reported_value
+
     def combine_surrogates(
         self,
         model: Callable,
@@ -387,11 +395,13 @@ class BoundELBO(ParticleELBO):
         )
         log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
         guide_objective = bound.value(log_weights)  # [M, P]
-        if type(self).reported_value is BoundELBO.reported_value:
+        if self.reports_bound_value():
             reported = guide_objective.mean(0)  # the same tensor: computed once
         else:
             reported = self.reported_value(log_weights)
-        value = weights.scale * reported.sum()
+        value = reported.sum()
+        if weights.scale != 1.0:  # times 1.0 is the identity (value and gradient): no op
+            value = weights.scale * value
         self._record_terms(weights, log_weights, value)
         if not grad_enabled:
             return -value
@@ -417,7 +427,9 @@ class BoundELBO(ParticleELBO):
         if aliases is not None:
             aliases.reweight(bound, log_weights, weights.per_point_to_run_site)
             guide_objective = aliases.keep_alive(guide_objective)
-        guide_surrogate = weights.scale * guide_objective.mean(0).sum()
+        guide_surrogate = guide_objective.mean(0).sum()
+        if weights.scale != 1.0:
+            guide_surrogate = weights.scale * guide_surrogate
         surrogate = self.combine_surrogates(model, guide, weights, value, guide_surrogate)
         return surrogate_loss(value, surrogate)
 
