@@ -39,7 +39,9 @@ class ParticleELBO(ELBO):
 
     ``loss`` and ``loss_and_grads`` are derived from ``differentiable_loss`` and therefore agree
     with it. After each call, :attr:`last_terms` holds the reported terms (nats per data point) as
-    plain floats.
+    plain floats; a loss may keep what they are computed from (detached tensors of the step) and
+    compute them when :attr:`last_terms` is first read, so a step whose terms are not read pays
+    nothing for them.
 
     Parameters
     ----------
