@@ -200,6 +200,8 @@ def renyi_bound(log_weights: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     if alpha == 1.0:
         return elbo_bound(log_weights)
+    if alpha == 0.0:  # IWAE: times and over 1.0 are exact identities, in value and gradient
+        return log_mean_exp(log_weights, PARTICLE_DIM)
     return log_mean_exp((1.0 - alpha) * log_weights, PARTICLE_DIM) / (1.0 - alpha)
 
 

@@ -12,6 +12,8 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from pyro.infer import ELBO
@@ -37,7 +39,9 @@ class ParticleELBO(ELBO):
 
     ``loss`` and ``loss_and_grads`` are derived from ``differentiable_loss`` and therefore agree
     with it. After each call, :attr:`last_terms` holds the reported terms (nats per data point) as
-    plain floats.
+    plain floats; a loss may keep what they are computed from (detached tensors of the step) and
+    compute them when :attr:`last_terms` is first read, so a step whose terms are not read pays
+    nothing for them.
 
     Parameters
     ----------
@@ -110,7 +114,7 @@ class ParticleELBO(ELBO):
         self.max_plate_nesting = (
             float("inf") if max_plate_nesting is None else int(max_plate_nesting)
         )
-        self.last_terms: dict[str, float] = {}
+        self.last_terms = {}
         self._checked_memory: set = set()  # (model, guide, particles) pairs whose memory fits
         # what only changes with the model's structure (checks passed, detachability), keyed on it
         self._structure_cache: dict = {}
@@ -148,6 +152,32 @@ class ParticleELBO(ELBO):
             yield terms
         finally:
             self._deferred_terms, self.tracing = saved
+
+    #: what the terms of the last call are computed from on first read (see :attr:`last_terms`)
+    _pending_terms: PendingTerms | None = None
+
+    @property
+    def last_terms(self) -> dict[str, float]:
+        """The reported terms of the last call (nats per data point), computed on first read."""
+        pending = self._pending_terms
+        if pending is not None:
+            self._pending_terms = None
+            self._last_terms = pending.evaluate()
+        return self._last_terms
+
+    @last_terms.setter
+    def last_terms(self, terms: dict[str, float]) -> None:
+        self._pending_terms = None
+        self._last_terms = terms
+
+    def _set_pending_terms(self, pending: PendingTerms) -> None:
+        """Store what the terms are computed from; :attr:`last_terms` evaluates it when read.
+
+        A step that nobody reads the terms of then pays neither their small tensor operations
+        nor the float reads (one synchronization each on an accelerator).
+        """
+        self._last_terms = {}
+        self._pending_terms = pending
 
     def _set_terms(self, terms: dict[str, torch.Tensor | float]) -> None:
         """Store the reported terms: as floats, or as tensors while they are deferred."""
@@ -305,6 +335,14 @@ class BoundELBO(ParticleELBO):
         """Return the value per point ``[P]`` reported and returned (default: the bound's mean)."""
         return self.bound().value(log_weights).mean(0)
 
+    def reports_bound_value(self) -> bool:
+        """Return whether :meth:`reported_value` is the bound's mean (computed once per call).
+
+        True when :meth:`reported_value` is not overridden; a subclass whose override returns the
+        default for its configuration says so here.
+        """
+        return type(self).reported_value is BoundELBO.reported_value
+
     def combine_surrogates(
         self,
         model: Callable,
@@ -359,11 +397,13 @@ class BoundELBO(ParticleELBO):
         )
         log_weights = weights.log_weights.reshape(num_outer, num_particles, -1)
         guide_objective = bound.value(log_weights)  # [M, P]
-        if type(self).reported_value is BoundELBO.reported_value:
+        if self.reports_bound_value():
             reported = guide_objective.mean(0)  # the same tensor: computed once
         else:
             reported = self.reported_value(log_weights)
-        value = weights.scale * reported.sum()
+        value = reported.sum()
+        if weights.scale != 1.0:  # times 1.0 is the identity (value and gradient): no op
+            value = weights.scale * value
         self._record_terms(weights, log_weights, value)
         if not grad_enabled:
             return -value
@@ -389,20 +429,62 @@ class BoundELBO(ParticleELBO):
         if aliases is not None:
             aliases.reweight(bound, log_weights, weights.per_point_to_run_site)
             guide_objective = aliases.keep_alive(guide_objective)
-        guide_surrogate = weights.scale * guide_objective.mean(0).sum()
+        guide_surrogate = guide_objective.mean(0).sum()
+        if weights.scale != 1.0:
+            guide_surrogate = weights.scale * guide_surrogate
         surrogate = self.combine_surrogates(model, guide, weights, value, guide_surrogate)
         return surrogate_loss(value, surrogate)
 
     def _record_terms(self, weights: ParticleWeights, log_weights, value) -> None:
+        terms = _BoundTerms(
+            self.bound_term,
+            value.detach(),
+            log_weights.detach(),
+            weights.scale,
+            weights.points_represented,
+        )
+        if self._deferred_terms is not None:  # compiled: the terms are outputs of the graph
+            with torch.no_grad():
+                self._set_terms(terms.tensors())
+        else:
+            self._set_pending_terms(terms)
+
+
+class PendingTerms(Protocol):
+    """What a loss's terms are computed from when :attr:`ParticleELBO.last_terms` is read."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Return the terms as floats."""
+        ...
+
+
+@dataclass(frozen=True)
+class _BoundTerms:
+    """A bound loss's reported terms, kept as the detached tensors they are computed from.
+
+    The tensors are results of the step (no parameter, no in-place update touches them), so a
+    read after later steps still gives this step's terms.
+    """
+
+    bound_term: str
+    value: torch.Tensor
+    log_weights: torch.Tensor
+    scale: float
+    points_represented: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return the terms as 0-d tensors."""
+        per_point = self.scale / self.points_represented
+        return {
+            self.bound_term: self.value / self.points_represented,
+            "elbo": elbo_bound(self.log_weights).mean(0).sum() * per_point,
+            "ess": effective_sample_size(self.log_weights).mean(),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Return the terms as floats."""
         with torch.no_grad():
-            per_point = weights.scale / weights.points_represented
-            self._set_terms(
-                {
-                    self.bound_term: value / weights.points_represented,
-                    "elbo": elbo_bound(log_weights).mean(0).sum() * per_point,
-                    "ess": effective_sample_size(log_weights).mean(),
-                }
-            )
+            return {name: float(term) for name, term in self.tensors().items()}
 
 
 def _checked_float(value: torch.Tensor | float) -> float:
@@ -412,4 +494,4 @@ def _checked_float(value: torch.Tensor | float) -> float:
     return number
 
 
-__all__ = ["BoundELBO", "ParticleELBO"]
+__all__ = ["BoundELBO", "ParticleELBO", "PendingTerms"]

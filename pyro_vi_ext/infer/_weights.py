@@ -586,8 +586,23 @@ def _replay_trace(guide_trace: poutine.Trace, values: dict[str, torch.Tensor]) -
 _checked_detachment: weakref.WeakSet = weakref.WeakSet()
 
 
-def _check_detachment(guide: Callable, wrapped_guide: Callable, trace: poutine.Trace, args, kwargs):
-    """Once per guide: with detached values and parameters, log q must carry no gradient."""
+def _check_detachment(
+    guide: Callable,
+    wrapped_guide: Callable,
+    trace: poutine.Trace,
+    args,
+    kwargs,
+    checked: dict | None = None,
+):
+    """Once per guide: with detached values and parameters, log q must carry no gradient.
+
+    A guide that is weakly referenceable is remembered module-wide; ``checked`` (a loss's
+    structure cache) also remembers guides that are not, such as a bound method, a new object at
+    every attribute access that a weak set forgets at once.
+    """
+    key = ("detachment-checked", _validation._program_key(guide))
+    if checked is not None and key in checked:
+        return
     try:
         if guide in _checked_detachment:
             return
@@ -610,6 +625,8 @@ def _check_detachment(guide: Callable, wrapped_guide: Callable, trace: poutine.T
             )
     with contextlib.suppress(TypeError):
         _checked_detachment.add(guide)
+    if checked is not None:
+        checked[key] = True
 
 
 def _point_plates(traces: Sequence[poutine.Trace]) -> tuple[PointPlate, ...]:
@@ -1284,7 +1301,9 @@ def trace_particles(
         detached = None
         if detach_guide_parameters:
             if validate and index == 0:
-                _check_detachment(guide, wrapped_guide, full_guide_trace, args, kwargs)
+                _check_detachment(
+                    guide, wrapped_guide, full_guide_trace, args, kwargs, structure_cache
+                )
             detached = detached_guide_from_distributions(
                 guide_trace,
                 aliases,
@@ -1429,7 +1448,10 @@ def check_finite_observations(trace: poutine.Trace) -> None:
     for name, site in sample_sites(trace):
         value = site["value"]
         if site["is_observed"] and isinstance(value, torch.Tensor) and value.is_floating_point():
-            if not torch.isfinite(value).all():
+            # a NaN or an infinity makes the sum non-finite, so a finite sum proves every value
+            # finite (a 0-d read instead of an elementwise mask); an overflowing sum of finite
+            # values falls through to the elementwise test
+            if not bool(value.sum().isfinite()) and not bool(torch.isfinite(value).all()):
                 raise ValueError(
                     f"Observed site '{name}' contains NaN or infinite values; clean or mask the "
                     "data (poutine.mask / obs_mask) before fitting."

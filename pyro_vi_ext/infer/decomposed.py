@@ -760,30 +760,16 @@ class DecomposedELBO(ParticleELBO):
         if self._deferred_terms is not None:  # compiled: the graph returns the snapshot
             self._set_terms(deferred.as_outputs())
         else:
-            self.last_terms = {}
-            self._pending_terms = deferred
+            self._set_pending_terms(deferred)
 
     def set_compiled_terms(self, terms: dict[str, torch.Tensor]) -> None:
         """Set :attr:`last_terms` from a compiled graph's outputs (a deferred snapshot or terms)."""
         if DeferredTerms.is_outputs(terms):
-            self.last_terms = {}
-            self._pending_terms = DeferredTerms.from_outputs(terms, self.aggregate, self.chunk_size)
+            self._set_pending_terms(
+                DeferredTerms.from_outputs(terms, self.aggregate, self.chunk_size)
+            )
         else:
             super().set_compiled_terms(terms)
-
-    @property
-    def last_terms(self) -> dict[str, float]:
-        """The terms of the last call (see the class's Attributes), computed on first read."""
-        pending = self._pending_terms
-        if pending is not None:
-            self._pending_terms = None
-            self._last_terms = pending.evaluate()
-        return self._last_terms
-
-    @last_terms.setter
-    def last_terms(self, terms: dict[str, float]) -> None:
-        self._pending_terms = None
-        self._last_terms = terms
 
     def _record_shifts(self, n: int, code_dim: int, weight: float) -> None:
         shift = math.log(n) * weight if self.aggregate == "mws" else 0.0

@@ -223,6 +223,13 @@ class ImportanceWeightedELBO(BoundELBO):
             return iwae_bound(log_weights.reshape(1, -1, log_weights.shape[-1])).squeeze(0)
         return super().reported_value(log_weights)
 
+    def reports_bound_value(self) -> bool:
+        """Return whether the reported value is the bound's mean (every variant but PIWAE)."""
+        overridden = type(self).reported_value is not ImportanceWeightedELBO.reported_value
+        if overridden or self.variant == "piwae":
+            return super().reports_bound_value()
+        return True
+
     def combine_surrogates(
         self,
         model: Callable,
