@@ -168,10 +168,11 @@ def make_data(n: int, x_dim: int, seed: int = 0) -> torch.Tensor:
     return (codes @ basis > 0.5).float()
 
 
-def make_steppers(arch: str, batch: int, n_data: int, k: int = 1):
+def make_steppers(arch: str, batch: int, n_data: int, k: int = 1, inductor: bool = False):
     """Return, per loss, a function running one optimizer step on a random minibatch.
 
-    ``k`` is the number of particles per point of every loss (``Trace_ELBO`` vectorized).
+    ``k`` is the number of particles per point of every loss (``Trace_ELBO`` vectorized);
+    ``inductor`` adds the two decomposed losses with ``jit="inductor"`` (compiled in the warm-up).
     """
     x_dim, hidden, z_dim = ARCHS[arch]
     torch.manual_seed(0)
@@ -202,6 +203,9 @@ def make_steppers(arch: str, batch: int, n_data: int, k: int = 1):
         "DecomposedELBO w=1 (Pyro)": decomposed(),
         "DecomposedELBO w=1 jit=True": decomposed(jit=True),
     }
+    if inductor:
+        modules["DecomposedELBO mss jit=inductor"] = decomposed(beta=BETA, jit="inductor")
+        modules["DecomposedELBO w=1 jit=inductor"] = decomposed(jit="inductor")
 
     def step(loss_fn):
         def run(batch_size: int = batch):
@@ -227,12 +231,23 @@ HAND_TCVAE = "hand-written beta-TCVAE (torch)"
 HAND_VAE = "hand-written VAE ELBO (torch)"
 
 
-def time_steps(arch: str, batch: int, rounds: int, steps: int, n_data: int, k: int = 1):
+def time_steps(
+    arch: str,
+    batch: int,
+    rounds: int,
+    steps: int,
+    n_data: int,
+    k: int = 1,
+    inductor: bool = False,
+):
     """Return, per loss, the mean step time of each interleaved round, in seconds."""
-    steppers = make_steppers(arch, batch, n_data, k)
-    for run in steppers.values():  # warm-up
+    steppers = make_steppers(arch, batch, n_data, k, inductor)
+    for name, run in steppers.items():  # warm-up (compiles the compiled losses)
+        start = time.perf_counter()
         for _ in range(3):
             run()
+        if "inductor" in name:
+            print(f"{name}: warm-up (compile) {time.perf_counter() - start:.1f} s wall")
     times = {name: [] for name in steppers}
     names = list(steppers)
     for r in range(rounds):
@@ -348,6 +363,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--surgery", type=int, default=50000, help="N for --part surgery")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help='also time the decomposed losses with jit="inductor" (a compile per K: minutes)',
+    )
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
@@ -364,7 +384,9 @@ def main() -> None:
     if args.part in ("all", "time"):
         references = (HAND_TCVAE, HAND_VAE, "Trace_ELBO (Pyro)")
         for k in args.ks:
-            times = time_steps(args.arch, args.batch, args.rounds, args.steps, args.n_data, k)
+            times = time_steps(
+                args.arch, args.batch, args.rounds, args.steps, args.n_data, k, args.inductor
+            )
             print(
                 f"\nStep time, batch {args.batch}, K = {k} particles per point (median of "
                 f"{args.rounds} interleaved rounds x {args.steps} steps, clock {args.clock}); "
