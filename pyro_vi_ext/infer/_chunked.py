@@ -408,6 +408,7 @@ def _first_pass(
                     del weights  # one chunk's tensors alive at a time
             if set(store.keys()) == names and not modules.lazy_parameters:
                 break
+            modules.restore()  # the rerun starts from the module state pass 2 starts from
         if record_states:
             _warn_once(loss, "stateful", modules.stateful())
         _warn_once(loss, "dropout", modules.dropout)

@@ -655,3 +655,32 @@ def test_dropout_in_training_mode_is_warned_about(training):
     assert len(messages) == (1 if training else 0)
     if training:
         assert "one mask per chunk" in messages[0]
+
+
+class _Counter(torch.nn.Module):
+    """Adds a small multiple of its call count (a buffer) to its input: forward-visible state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=F64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return h + 0.01 * self.calls
+
+
+def test_rerun_of_the_first_pass_starts_from_the_restored_module_state():
+    """Check: lazy parameters and a stateful module: pass 2 replays what pass 1's rerun saw."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), _Counter()).double()
+    guide = _normed_guide(encoder)
+
+    def lazy_guide(x, batch_size=BATCH):
+        pyro.param("lazy_loc", lambda: torch.randn(D, dtype=F64))
+        guide(x, batch_size)
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=6, max_plate_nesting=1, particle_chunk_size=2)
+    with pytest.warns(UserWarning, match="_Counter"):
+        value = loss.loss_and_grads(local_model, lazy_guide, local_data())
+    assert np.isfinite(value)
