@@ -32,6 +32,20 @@ the first chunk are pinned for the others (:class:`_SubsamplePins`). The global 
 where pass 1 left it. A chunked run draws different numbers from an unchunked run with the same seed
 (``C`` draws at a time instead of ``S``): statistically the same estimator, not the same stream.
 
+Pass 1 is invisible to the model's state: the buffers of every module it runs (BatchNorm running
+statistics, ``num_batches_tracked``) are restored in place after it (:class:`_PassOneModules`). When
+pass 1 creates parameters (a lazy ``pyro.param`` initializer, an autoguide's first call, a lazy
+module), it is run once more from a fresh recorded state, so that pass 2 (which finds them existing)
+replays the same draws. Two module kinds cannot be made exact and are warned about once per loss:
+
+- a module whose buffers change in a forward in training mode (BatchNorm) is updated once per chunk
+  in pass 2, ``ceil(S / C)`` times with per-chunk statistics, where the unchunked loss updates it
+  once with the statistics of all particles;
+- a ``torch.nn.Dropout*`` module in training mode draws one mask per chunk instead of one per step,
+  so the particles of different chunks see different guides: a different estimator than the
+  unchunked loss, not only a different random stream (``torch.nn.functional.dropout`` called
+  directly is not detected).
+
 Cost: about two forward passes and one backward pass per step (pass 1 is a forward without graph).
 Memory: one chunk's graph plus ``[S, P]`` log-weights and coefficients.
 
@@ -46,11 +60,13 @@ References
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyro
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
@@ -219,6 +235,99 @@ class _PointScale:
     points_represented: float
 
 
+class _PassOneModules:
+    """While entered: note every module that runs (a global forward pre-hook) and its buffers.
+
+    On a module's first forward its buffers are recorded (the tensor and a copy), whether it has
+    uninitialized (lazy) parameters, and whether it is a dropout module in training mode.
+    :meth:`restore` copies the recorded values back in place, so pass 1 leaves no module state.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[torch.nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]]
+        self.saved = {}
+        self.lazy_parameters = False
+        self.dropout: list[str] = []
+        self._handle = None
+
+    def _pre_hook(self, module: torch.nn.Module, inputs: object) -> None:
+        if id(module) in self.saved:
+            return
+        buffers = {
+            name: (buffer, buffer.detach().clone())
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+            and not isinstance(buffer, torch.nn.parameter.UninitializedTensorMixin)
+        }
+        self.saved[id(module)] = (module, buffers)
+        if any(
+            isinstance(parameter, torch.nn.parameter.UninitializedParameter)
+            for parameter in module.parameters(recurse=False)
+        ):
+            self.lazy_parameters = True
+        dropout = torch.nn.modules.dropout._DropoutNd
+        if isinstance(module, dropout) and module.training and module.p > 0:
+            self.dropout.append(type(module).__name__)
+
+    def __enter__(self) -> _PassOneModules:
+        register = torch.nn.modules.module.register_module_forward_pre_hook
+        self._handle = register(self._pre_hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def stateful(self) -> list[str]:
+        """Return the class names of the modules whose buffers changed since their first run."""
+        names = []
+        for module, buffers in self.saved.values():
+            for name, (buffer, copy) in buffers.items():
+                current = module._buffers.get(name)
+                if current is not buffer or not torch.equal(buffer, copy):
+                    names.append(type(module).__name__)
+                    break
+        return names
+
+    def restore(self) -> None:
+        """Put every recorded buffer back, in place (the same tensor objects as before)."""
+        with torch.no_grad():
+            for module, buffers in self.saved.values():
+                for name, (buffer, copy) in buffers.items():
+                    buffer.copy_(copy)
+                    module._buffers[name] = buffer
+
+
+def _warn_once(loss: BoundELBO, kind: str, class_names: list[str]) -> None:
+    """Warn about what chunking cannot make exact, once per loss and module class."""
+    warned = loss.__dict__.setdefault("_chunking_warned", set())
+    for class_name in dict.fromkeys(class_names):
+        if (kind, class_name) in warned:
+            continue
+        warned.add((kind, class_name))
+        name = type(loss).__name__
+        if kind == "stateful":
+            problem = (
+                f"a {class_name} module updates its running statistics (buffers) in training mode: "
+                f"{name}(particle_chunk_size={loss.particle_chunk_size}) updates them once per "
+                "chunk, with each chunk's statistics, not once per step with all particles' as "
+                "the unchunked loss does"
+            )
+        else:
+            problem = (
+                f"a {class_name} module in training mode draws one mask per chunk under "
+                f"{name}(particle_chunk_size={loss.particle_chunk_size}), not one per step, so "
+                "the particles of different chunks see different guides: a different estimator "
+                "from the unchunked loss"
+            )
+        warnings.warn(
+            f"{problem}. Put the module in eval mode for the loss, or use "
+            "particle_chunk_size=None for the unchunked estimator.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _chunks(total: int, chunk_size: int) -> list[tuple[int, int]]:
     """Return the ``[start, stop)`` particle ranges of ``total`` particles, ``chunk_size`` each."""
     return [(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
@@ -272,22 +381,39 @@ def _first_pass(
     """Pass 1: the ``[S, P]`` log-weights chunk by chunk without graph (and the random states)."""
     nesting = loss._model_plate_nesting(model, guide, args, kwargs)
     total = loss.num_outer * loss.num_particles
-    rows, states = [], []
-    point_scale, has_score_sites = None, False
-    with torch.no_grad():
-        for index, (start, stop) in enumerate(_chunks(total, loss.particle_chunk_size)):
-            if record_states:
-                states.append(_RandomState.capture())
-            pins.pinning = index > 0
-            with pins:
-                weights = _trace_chunk(
-                    loss, model, guide, args, kwargs, stop - start, nesting, None
-                )
-            rows.append(weights.log_weights)
-            if point_scale is None:
-                point_scale = _PointScale(weights.scale, weights.points_represented)
-                has_score_sites = bool(weights.site_scores)
-            del weights  # one chunk's tensors alive at a time
+    store = pyro.get_param_store()
+    modules = _PassOneModules()
+    try:
+        # a second attempt only when the first created parameters: their initializers drew random
+        # numbers that pass 2, finding the parameters in place, would not draw
+        for _attempt in range(2 if record_states else 1):
+            names = set(store.keys())
+            modules.lazy_parameters = False
+            pins.indices.clear()
+            rows, states = [], []
+            point_scale, has_score_sites = None, False
+            with torch.no_grad(), modules:
+                for index, (start, stop) in enumerate(_chunks(total, loss.particle_chunk_size)):
+                    if record_states:
+                        states.append(_RandomState.capture())
+                    pins.pinning = index > 0
+                    with pins:
+                        weights = _trace_chunk(
+                            loss, model, guide, args, kwargs, stop - start, nesting, None
+                        )
+                    rows.append(weights.log_weights)
+                    if point_scale is None:
+                        point_scale = _PointScale(weights.scale, weights.points_represented)
+                        has_score_sites = bool(weights.site_scores)
+                    del weights  # one chunk's tensors alive at a time
+            if set(store.keys()) == names and not modules.lazy_parameters:
+                break
+            modules.restore()  # the rerun starts from the module state pass 2 starts from
+        if record_states:
+            _warn_once(loss, "stateful", modules.stateful())
+        _warn_once(loss, "dropout", modules.dropout)
+    finally:
+        modules.restore()
     return torch.cat(rows, 0), point_scale, has_score_sites, states
 
 

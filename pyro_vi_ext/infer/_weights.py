@@ -654,9 +654,33 @@ def _point_plates(traces: Sequence[poutine.Trace]) -> tuple[PointPlate, ...]:
     return tuple(sorted(plates, key=lambda p: p.dim))
 
 
+class SubsamplingError(ValueError):
+    """A subsampled plate that is not a point plate: no per-point bound has a minibatch estimate.
+
+    Parameters
+    ----------
+    message : str
+        The message worded for the importance-weighted bounds.
+    plate : str
+        The subsampled plate's name.
+    sites : list of str
+        ``"guide site 'g'"``-style descriptions of the sites outside it (at most five); empty for
+        a subsampled sequential plate.
+    sequential : bool
+        Whether the plate is a subsampled sequential plate (rather than one that latents lie
+        outside).
+    """
+
+    def __init__(self, message: str, plate: str, sites: list[str], sequential: bool) -> None:
+        super().__init__(message)
+        self.plate = plate
+        self.sites = sites
+        self.sequential = sequential
+
+
 def _subsampling_problem(
     traces: Sequence[poutine.Trace], plates: tuple[PointPlate, ...]
-) -> str | None:
+) -> SubsamplingError | None:
     """Why no per-point bound has an unbiased minibatch estimate here (``None`` if one has)."""
     point_names = {p.name for p in plates}
     subsampled = {}
@@ -666,13 +690,16 @@ def _subsampling_problem(
                 # a sequential plate is never a point plate, and its N / B would pass for a user
                 # scale: the minibatch estimate of the whole-trace bound would be silently biased
                 if not frame.vectorized and frame.full_size not in (None, frame.size):
-                    return (
+                    return SubsamplingError(
                         f"Plate '{frame.name}' is a subsampled sequential plate (site "
                         f"'{site_name}'). Importance-weighted bounds are per point only over "
                         "vectorized plates, and a whole-trace bound with more than one particle "
                         "has no unbiased minibatch estimate. Use a vectorized 'with pyro.plate("
                         f'"{frame.name}", ...)\', pass the full data (no subsample_size), or '
-                        "num_particles=1 (the ELBO, unbiased under any subsampling)."
+                        "num_particles=1 (the ELBO, unbiased under any subsampling).",
+                        frame.name,
+                        [],
+                        True,
                     )
             for frame in site_plate_frames(site).values():
                 if frame.full_size is not None and frame.full_size != frame.size:
@@ -686,14 +713,18 @@ def _subsampling_problem(
             for name, site in sample_sites(trace)
             if plate_name not in site_plate_frames(site)
         ]
-        where = ", ".join(f"{kind} site '{name}'" for kind, name in outside[:5])
-        return (
+        sites = [f"{kind} site '{name}'" for kind, name in outside[:5]]
+        where = ", ".join(sites)
+        return SubsamplingError(
             f"Plate '{plate_name}' is subsampled, but {where} lie outside it. A per-data-point "
             "importance-weighted bound needs every sample site inside the subsampled data plate; "
             "with latents outside it the bound covers the whole dataset and no unbiased minibatch "
             f"estimate of it exists for K > 1. Pass the full data to '{plate_name}' (no "
             "subsample_size), move those latents inside the plate, or use num_particles=1 (the "
-            "ELBO, unbiased under subsampling, as Trace_ELBO)."
+            "ELBO, unbiased under subsampling, as Trace_ELBO).",
+            plate_name,
+            sites,
+            False,
         )
     return None
 
@@ -1330,7 +1361,7 @@ def trace_particles(
     whole_trace_scaled = False
     if problem is not None:
         if not linear_in_log_weights:
-            raise ValueError(problem)
+            raise problem
         plates, whole_trace_scaled = (), True
 
     user_scales = [_user_scale(site) for t in traces for _, site in sample_sites(t)]
@@ -1559,6 +1590,7 @@ __all__ = [
     "ParticleWeights",
     "PointPlate",
     "SiteScore",
+    "SubsamplingError",
     "check_finite_observations",
     "common_user_scale",
     "detached_guide_from_distributions",

@@ -46,7 +46,7 @@ from pyro_vi_ext.infer._code_layout import (
     packed_autoguide_subsampling,
 )
 from pyro_vi_ext.infer._loss_base import ParticleELBO
-from pyro_vi_ext.infer._weights import ParticleWeights, trace_particles
+from pyro_vi_ext.infer._weights import ParticleWeights, SubsamplingError, trace_particles
 
 Aggregate = Literal["mss", "mws"]
 Weight = float | Callable[[int], float]
@@ -258,6 +258,38 @@ class DeferredTerms:
             aggregate=aggregate,
             chunk_size=chunk_size,
         )
+
+
+def _subsampling_refusal(error: SubsamplingError, num_particles: int) -> SubsamplingError:
+    """Return the refusal of a subsampled plate that is not the point plate, for this loss."""
+    plate = error.plate
+    if error.sequential:
+        problem = (
+            f"Plate '{plate}' is a subsampled sequential plate. DecomposedELBO needs a "
+            "vectorized data plate: its terms are per data point of that plate"
+        )
+        fixes = f"use a vectorized 'with pyro.plate(\"{plate}\", ...)'"
+    else:
+        problem = (
+            f"Plate '{plate}' is subsampled, but {', '.join(error.sites)} lie outside it. "
+            "DecomposedELBO computes its loss per point of the data plate (reconstruction and "
+            "the codes' KL, split into index-code MI, total correlation and dimension-wise KL "
+            "estimated over the batch's codes) and scales the batch sum by N / B; a latent "
+            "outside the subsampled plate has no per-point share in it"
+        )
+        fixes = (
+            f"pass the full data to '{plate}' (not subsampled, latents outside the data plate "
+            "count in the reconstruction term), move those latents inside the plate"
+        )
+    return SubsamplingError(
+        f"{problem}, so DecomposedELBO cannot estimate its loss from the minibatch, whatever the "
+        f"number of particles (num_particles={num_particles}). Instead {fixes}, or train with "
+        "Trace_ELBO or ImportanceWeightedELBO(num_particles=1): the plain ELBO, unbiased under "
+        "subsampling with global latents, without the decomposed terms.",
+        plate,
+        error.sites,
+        error.sequential,
+    )
 
 
 class DecomposedELBO(ParticleELBO):
@@ -585,9 +617,11 @@ class DecomposedELBO(ParticleELBO):
             )
         except ValueError as error:
             reason = packed_autoguide_subsampling(guide)
-            if reason is None:
-                raise
-            raise ValueError(reason) from error
+            if reason is not None:
+                raise ValueError(reason) from error
+            if isinstance(error, SubsamplingError):
+                raise _subsampling_refusal(error, self.num_particles) from error
+            raise
         model_trace, guide_trace = weights.model_trace, weights.guide_trace
         layout = find_code_layout(model_trace, guide_trace, self.data_plate, self.code_sites)
         check_code_sites(model_trace, guide_trace, layout)

@@ -100,7 +100,11 @@ class RenyiAlphaELBO(BoundELBO):
         or ``fit``, which call ``loss_and_grads``. Refused: ``jit=True``. With
         ``vectorize_particles=False`` each chunk loops over ``C`` particles (their graphs, not all
         ``M K``, are held at once). Randomness must come from torch's, Python's or NumPy's global
-        generators; a replay that does not reproduce its chunk raises.
+        generators; a replay that does not reproduce its chunk raises. Modules in training mode
+        are not exact (warned once): a ``torch.nn.Dropout*`` module draws one mask per chunk, so
+        particles of different chunks see different guides (a different estimator, not only a
+        different stream); BatchNorm running statistics are updated once per chunk with that
+        chunk's statistics (the first pass leaves module buffers unchanged).
 
     References
     ----------

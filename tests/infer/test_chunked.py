@@ -10,6 +10,8 @@ gradient of every parameter must agree up to float64 rounding.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -572,3 +574,113 @@ def test_fit_trains_with_a_chunked_loss():
     assert result.num_steps == 4
     assert np.isfinite(result.history["loss"]).all()
     assert not torch.allclose(result.params["a"], torch.full((D,), 0.3, dtype=F64))
+
+
+# -- parameters created by the first pass, module state, dropout -------------------------------
+def _lazy_guide(x, batch_size=BATCH):
+    """``q(z_n)`` whose location is initialized at random on first use (a lazy ``pyro.param``)."""
+    loc = pyro.param("lazy_loc", lambda: torch.randn(x.shape[0], D, dtype=F64))
+    with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+        pyro.sample("z", dist.Normal(loc[idx], 1.0).to_event(1))
+
+
+def test_random_lazy_parameter_initialization_is_chunked_on_the_first_step():
+    """Check: a random ``pyro.param`` initializer in pass 1 does not shift pass 2's draws."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    loss = ImportanceWeightedELBO(num_particles=6, max_plate_nesting=1, particle_chunk_size=2)
+    value = loss.loss_and_grads(local_model, _lazy_guide, local_data())
+    grad = pyro.param("lazy_loc").unconstrained().grad
+    assert np.isfinite(value)
+    assert grad is not None and bool(torch.isfinite(grad).all()) and bool((grad != 0).any())
+
+
+def test_foreign_randomness_is_still_refused_after_a_lazy_initialization():
+    """Check: the rerun of pass 1 does not hide randomness from a private generator."""
+    private = torch.Generator().manual_seed(1)
+
+    def guide(x, batch_size=BATCH):
+        loc = pyro.param("lazy_loc", lambda: torch.randn(x.shape[0], D, dtype=F64))
+        noise = torch.randn(D, generator=private, dtype=F64)
+        with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+            pyro.sample("z", dist.Normal(loc[idx] + noise, 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=6, max_plate_nesting=1, particle_chunk_size=2)
+    with pytest.raises(ParticleChunkingError, match="did not reproduce"):
+        loss.loss_and_grads(local_model, guide, local_data())
+
+
+def _normed_guide(encoder):
+    def guide(x, batch_size=BATCH):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+            h = encoder(x[idx])
+            pyro.sample("z", dist.Normal(h[:, :D], h[:, D:].exp()).to_event(1))
+
+    return guide
+
+
+def test_first_pass_leaves_running_statistics_and_the_warning_names_the_module():
+    """Check: BatchNorm is updated ceil(S / C) times per step (pass 2 only), warned about once."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), torch.nn.BatchNorm1d(2 * D)).double()
+    guide = _normed_guide(encoder)
+    norm = encoder[1]
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=7, max_plate_nesting=1, particle_chunk_size=3)
+    with pytest.warns(UserWarning, match="BatchNorm1d .* once per chunk"):
+        loss.loss_and_grads(local_model, guide, local_data())
+    before, mean = int(norm.num_batches_tracked), norm.running_mean.clone()
+    loss.loss(local_model, guide, local_data())  # pass 1 only: no module state changes
+    assert int(norm.num_batches_tracked) == before
+    assert torch.equal(norm.running_mean, mean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per loss: no second warning
+        loss.loss_and_grads(local_model, guide, local_data())
+    assert int(norm.num_batches_tracked) == before + 3  # ceil(7 / 3) chunks in pass 2
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dropout_in_training_mode_is_warned_about(training):
+    """Check: a Dropout module in training mode under a chunked loss warns; in eval mode not."""
+    encoder = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), torch.nn.Dropout(0.2)).double()
+    encoder.train(training)
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=4, max_plate_nesting=1, particle_chunk_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss.loss_and_grads(local_model, _normed_guide(encoder), local_data())
+    messages = [str(w.message) for w in caught if "Dropout" in str(w.message)]
+    assert len(messages) == (1 if training else 0)
+    if training:
+        assert "one mask per chunk" in messages[0]
+
+
+class _Counter(torch.nn.Module):
+    """Adds a small multiple of its call count (a buffer) to its input: forward-visible state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=F64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return h + 0.01 * self.calls
+
+
+def test_rerun_of_the_first_pass_starts_from_the_restored_module_state():
+    """Check: lazy parameters and a stateful module: pass 2 replays what pass 1's rerun saw."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), _Counter()).double()
+    guide = _normed_guide(encoder)
+
+    def lazy_guide(x, batch_size=BATCH):
+        pyro.param("lazy_loc", lambda: torch.randn(D, dtype=F64))
+        guide(x, batch_size)
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=6, max_plate_nesting=1, particle_chunk_size=2)
+    with pytest.warns(UserWarning, match="_Counter"):
+        value = loss.loss_and_grads(local_model, lazy_guide, local_data())
+    assert np.isfinite(value)

@@ -669,6 +669,35 @@ def test_latent_outside_a_subsampled_data_plate_is_an_error():
         DecomposedELBO(code_sites="shift", data_plate="data").loss(model, guide)
 
 
+@pytest.mark.parametrize("num_particles", [1])
+def test_refusal_of_a_global_latent_under_subsampling_is_worded_for_the_decomposition(
+    num_particles,
+):
+    """Check: the message says why DecomposedELBO refuses it and offers no setting already used."""
+    loc, scale, x = table_problem(20, 2)
+
+    def model():
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 20, subsample_size=5) as i:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z + shift, 1.0).to_event(1), obs=x[i])
+
+    def guide():
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 20, subsample_size=5) as i:
+            pyro.sample("z", dist.Normal(loc[i], scale[i]).to_event(1))
+
+    with pytest.raises(ValueError) as caught:
+        DecomposedELBO(num_particles=num_particles).loss(model, guide)
+    message = str(caught.value)
+    assert "guide site 'shift', model site 'shift' lie outside it" in message
+    assert "DecomposedELBO computes its loss per point of the data plate" in message
+    assert f"whatever the number of particles (num_particles={num_particles})" in message
+    assert "Trace_ELBO or ImportanceWeightedELBO(num_particles=1)" in message
+    assert "K > 1" not in message
+    assert "or use num_particles=1" not in message
+
+
 def test_masked_code_site_is_an_error():
     """Refuse a masked code site."""
     loc, scale, x = table_problem(20, 2)

@@ -39,6 +39,37 @@ def test_global_norm_value_mixed_dtypes_take_the_general_path():
     assert global_norm_value(mixed) == pytest.approx(global_norm_value(grads), rel=1e-6)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["fused", "general"])
+def test_global_norm_value_is_nan_with_a_nan_and_an_inf(mixed):
+    """Check: NaN and inf in different tensors give NaN (math.hypot alone would say inf)."""
+    grads = [torch.tensor([math.inf]), torch.tensor([1.0, math.nan])]
+    if mixed:
+        grads[1] = grads[1].double()
+    assert math.isnan(global_norm_value(grads))
+    assert math.isnan(global_norm_value(list(reversed(grads))))
+    assert global_norm_value([torch.tensor([math.inf]), torch.tensor([1.0])]) == math.inf
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["fused", "general"])
+def test_global_norm_value_of_finite_float32_gradients_does_not_overflow(mixed):
+    """Check: |g| ~ 1e20 in float32 overflows the squared sum; the norm is still finite, right."""
+    grads = [torch.tensor([3e20, 4e20]), torch.tensor([1.0])]
+    if mixed:
+        grads[1] = grads[1].double()
+    expected = math.sqrt(float(grads[0][0]) ** 2 + float(grads[0][1]) ** 2 + 1.0)
+    assert math.isinf(float(torch.linalg.vector_norm(grads[0])))  # what float32 alone gives
+    assert global_norm_value(grads) == pytest.approx(expected, rel=1e-12)
+
+
+def test_global_norm_value_of_sparse_gradients_counts_their_values():
+    """Check: a sparse COO gradient (uncoalesced: a repeated index adds) counts like its dense."""
+    sparse = torch.sparse_coo_tensor([[0, 2, 2]], [3.0, 1.0, 3.0], (5,))
+    dense = torch.tensor([1.0, 2.0])
+    expected = math.sqrt(3.0**2 + 4.0**2 + 1.0 + 4.0)
+    assert global_norm_value([sparse, dense]) == pytest.approx(expected, rel=1e-6)
+    assert global_norm_value([sparse.double(), dense]) == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_global_norm_value_is_not_finite_with_a_bad_element(bad):
     """Check: one NaN or inf element makes the norm non-finite (the step is then refused)."""
