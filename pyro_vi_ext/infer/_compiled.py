@@ -232,6 +232,11 @@ def _modules_changed(modules: list[tuple[weakref.ref, tuple]]) -> bool:
     return False
 
 
+def _same_modules(old: list | None, new: list) -> bool:
+    """Whether two module records (of :func:`_module_guard`) name the same module objects."""
+    return old is not None and [ref() for ref, _ in old] == [ref() for ref, _ in new]
+
+
 def _training_flags(modules: list[tuple[weakref.ref, tuple]]) -> tuple[bool, ...]:
     return tuple(ref().training for ref, _ in modules)
 
@@ -346,7 +351,7 @@ class CompiledLoss:
 
     def _keep(self, key, found: _Inputs, trace: _Trace) -> None:
         """Keep ``trace`` for ``key`` and the training flags of the modules it ran."""
-        if self.modules.get(key) is not found.modules:
+        if not _same_modules(self.modules.get(key), found.modules):
             self._forget(key)  # another set of modules: the old flags do not describe it
             self.modules[key] = found.modules
         full_key = (key, _training_flags(found.modules))
