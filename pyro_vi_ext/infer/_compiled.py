@@ -1,8 +1,8 @@
 r"""The compiled paths of every loss: ``jit=True`` (``torch.jit.trace``) and ``jit="inductor"``.
 
 ``jit=True``: :class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under
-:func:`torch.jit.trace` the first time it sees a *signature*, and replays the traced graph
-afterwards. The graph takes every parameter leaf (``pyro.param`` values, ``pyro.module`` modules,
+:func:`torch.jit.trace` the first time it sees a *signature* (after one eager run of that call,
+see below), and replays the traced graph afterwards. The graph takes every parameter leaf (``pyro.param`` values, ``pyro.module`` modules,
 the parameters of a model or guide that is an ``nn.Module``) and every tensor argument as inputs,
 so the optimizer's updates and new minibatches flow in; random draws are graph operations, so
 every call draws afresh and, on the same seed, the same numbers as the eager path. The reported
@@ -27,26 +27,48 @@ overhead, no fused kernels) with a warning; when the capture itself fails, the c
 with a warning. A tensor that requires grad but is not reached through ``pyro.param`` /
 ``pyro.module`` (a closure) would become a constant of the graph: such a model runs eagerly.
 
+The first call of a signature runs eagerly (its value, gradients and terms are the eager
+path's; a guide that sets itself up on its first call, e.g. an autoguide, draws its set-up
+numbers there exactly as without ``jit``) and the graph is captured right after it, with the
+random state restored, so every later call draws the numbers the eager path would.
+
 What recompiles, on both paths (a new trace, kept next to the old ones, at most
 :data:`MAX_TRACES`): a new model or guide, new shapes, dtypes or devices of the tensor arguments,
 a new value of a non-tensor argument, switching gradients on or off (``loss`` and
-``differentiable_loss`` have one graph each), and a new loss state that changes the maths (e.g.
-the annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time
-they change: keep such schedules on the eager or ``jit=True`` path). What is *baked in* and does
-not recompile: Python control flow on tensor values inside the model or guide, a
-:func:`pyro.poutine.scale` whose value changes between calls, and the value-dependent validation
-checks (finite observations), which run when capturing only, and tensors the program reads from
-a closure or a global instead of its arguments (constants of the graph: pass data that changes as
-an argument). Models whose structure depends on the data in those ways should stay eager. On the
-inductor path, freezing or unfreezing a parameter (``requires_grad``) also recaptures, and after
-:data:`INDUCTOR_MANY_COMPILES` graphs in one loss a warning says that it keeps recompiling.
+``differentiable_loss`` have one graph each), the ``train()`` / ``eval()`` flags of the
+``nn.Module`` objects the program called (dropout, batch norm: one graph per combination), a
+module of the program replaced by another object or given other parameter objects, a parameter
+removed from or replaced in the param store (``pyro.clear_param_store()``,
+``get_param_store().set_state(...)``), and a new loss state that changes the maths (e.g. the
+annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time they
+change: keep such schedules on the eager or ``jit=True`` path). A model or guide that reads a
+tensor value into Python (``if (x > 0).all():``, ``.item()``, ``float(t)``, ``int(t)``,
+``.tolist()``, indexing with a tensor) runs eagerly with a warning naming the file and line: a
+graph would freeze that branch or number at its first value. Such reads by torch, Pyro or this
+package (validation checks, which raise rather than branch) do not count; they run on the first
+call only.
+
+.. warning::
+   Python values that the model or guide reads from a **global or a closure** are *frozen* at the
+   capture and nothing detects a change: e.g. a KL-annealing factor ``poutine.scale(scale=beta)``
+   with a global ``beta`` keeps its first value. Pass such a value as an **argument** of model and
+   guide (as Pyro's annealing tutorial does): a float argument recompiles for each new value
+   (correct, seconds per value on the inductor path); a 0-d tensor argument flows into the
+   graph (no recompile). Tensors read from a closure or a global are constants of the graph in
+   the same way: pass data that changes as an argument. Weights changed in place (``.data``,
+   ``copy_``) are seen. A module replaced by a new object is detected once the old object is
+   gone (garbage collected); while the old one stays referenced elsewhere (say, in a list of
+   checkpoints) it is not: call ``pyro.clear_param_store()`` or build a new loss after the swap.
+
+On the inductor path, freezing or unfreezing a parameter (``requires_grad``) also recaptures, and
+after :data:`INDUCTOR_MANY_COMPILES` graphs in one loss a warning says that it keeps recompiling.
 
 ``torch.jit.trace`` is marked deprecated in torch 2.13 (in favour of ``torch.compile``, which
 breaks the graph at every Pyro messenger); it is what Pyro's own ``JitTrace_ELBO`` uses and it
-works here; its deprecation warning is silenced inside this module only. If tracing fails (a
-parameter the trace cannot see, an operation ``torch.jit.trace`` does not support), the loss runs
-the same call eagerly; if that succeeds the signature stays eager and a warning saying why is
-given once, otherwise the eager error is raised as without ``jit``.
+works here; its deprecation warning is silenced inside this module only. The first, eager run
+of a signature raises the eager error as without ``jit``; if tracing after it fails (a parameter
+the trace cannot see, an operation ``torch.jit.trace`` does not support), the signature stays
+eager and a warning saying why is given once.
 """
 
 from __future__ import annotations
@@ -562,8 +584,8 @@ def cpp_compiler_problem() -> str | None:
 class InductorCompiledLoss(CompiledLoss):
     r"""The loss and its gradients as one graph per signature, compiled by torch inductor.
 
-    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs the eager
-    ``differentiable_loss`` followed by :func:`torch.autograd.grad` of its result with respect to
+    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs eagerly
+    (its result is the eager one), then captures the eager ``differentiable_loss`` followed by :func:`torch.autograd.grad` of its result with respect to
     every parameter leaf under :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors,
     so the Pyro messengers run once and leave only the ATen operations they caused), and hands
     that forward-and-backward graph to :func:`torch._inductor.compile`. Later calls run the
