@@ -1,13 +1,14 @@
 r"""The compiled paths of every loss: ``jit=True`` (``torch.jit.trace``) and ``jit="inductor"``.
 
 ``jit=True``: :class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under
-:func:`torch.jit.trace` the first time it sees a *signature* (after one eager run of that call,
-see below), and replays the traced graph afterwards. The graph takes every parameter leaf (``pyro.param`` values, ``pyro.module`` modules,
-the parameters of a model or guide that is an ``nn.Module``) and every tensor argument as inputs,
-so the optimizer's updates and new minibatches flow in; random draws are graph operations, so
-every call draws afresh and, on the same seed, the same numbers as the eager path. The reported
-terms (:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph.
-The backward pass is autograd's, op by op.
+:func:`torch.jit.trace` the first time it sees a *signature* (after one eager run of that call, see
+below), and replays the traced graph afterwards. The graph takes every parameter leaf
+(``pyro.param`` values, ``pyro.module`` modules, the parameters of a model or guide that is an
+``nn.Module``) and every tensor argument as inputs, so the optimizer's updates and new minibatches
+flow in; random draws are graph operations, so every call draws afresh and, on the same seed, the
+same numbers as the eager path. The reported terms
+(:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph. The
+backward pass is autograd's, op by op.
 
 ``jit="inductor"``: :class:`InductorCompiledLoss` captures, per signature, one graph computing
 the loss value, its terms *and* the gradients :math:`g_\theta = \partial L / \partial \theta`
@@ -249,7 +250,9 @@ def _modules_changed(modules: list[tuple[weakref.ref, tuple]]) -> bool:
         if module is None:
             return True
         current = module._parameters.values()
-        if len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
+        if len(current) != len(params):
+            return True
+        if any(a is not b for a, b in zip(current, params, strict=True)):
             return True
     return False
 
@@ -264,7 +267,7 @@ def _training_flags(modules: list[tuple[weakref.ref, tuple]]) -> tuple[bool, ...
 
 
 def _store_tensors(names: list[str]) -> list[torch.Tensor]:
-    """The unconstrained tensors the param store holds under ``names`` (``KeyError``: absent)."""
+    """Return the unconstrained tensors the param store holds under ``names``."""
     params = pyro.get_param_store()._params
     return [params[name] for name in names]
 
@@ -584,13 +587,14 @@ def cpp_compiler_problem() -> str | None:
 class InductorCompiledLoss(CompiledLoss):
     r"""The loss and its gradients as one graph per signature, compiled by torch inductor.
 
-    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs eagerly
-    (its result is the eager one), then captures the eager ``differentiable_loss`` followed by :func:`torch.autograd.grad` of its result with respect to
-    every parameter leaf under :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors,
-    so the Pyro messengers run once and leave only the ATen operations they caused), and hands
-    that forward-and-backward graph to :func:`torch._inductor.compile`. Later calls run the
-    compiled kernels without gradient recording and return the value through a one-node autograd
-    function whose backward adds the precomputed gradients, scaled by the incoming gradient:
+    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs eagerly (its
+    result is the eager one), then captures the eager ``differentiable_loss`` followed by
+    :func:`torch.autograd.grad` of its result with respect to every parameter leaf under
+    :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors, so the Pyro messengers run
+    once and leave only the ATen operations they caused), and hands that forward-and-backward graph
+    to :func:`torch._inductor.compile`. Later calls run the compiled kernels without gradient
+    recording and return the value through a one-node autograd function whose backward adds the
+    precomputed gradients, scaled by the incoming gradient:
     :math:`\partial (c L) / \partial \theta = c\, g_\theta`.
 
     Random draws stay ATen calls (``fallback_random``), so on the same seed the compiled loss
