@@ -1,13 +1,14 @@
 r"""The compiled paths of every loss: ``jit=True`` (``torch.jit.trace``) and ``jit="inductor"``.
 
 ``jit=True``: :class:`CompiledLoss` runs a loss's eager ``differentiable_loss`` under
-:func:`torch.jit.trace` the first time it sees a *signature*, and replays the traced graph
-afterwards. The graph takes every parameter leaf (``pyro.param`` values, ``pyro.module`` modules,
-the parameters of a model or guide that is an ``nn.Module``) and every tensor argument as inputs,
-so the optimizer's updates and new minibatches flow in; random draws are graph operations, so
-every call draws afresh and, on the same seed, the same numbers as the eager path. The reported
-terms (:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph.
-The backward pass is autograd's, op by op.
+:func:`torch.jit.trace` the first time it sees a *signature* (after one eager run of that call, see
+below), and replays the traced graph afterwards. The graph takes every parameter leaf
+(``pyro.param`` values, ``pyro.module`` modules, the parameters of a model or guide that is an
+``nn.Module``) and every tensor argument as inputs, so the optimizer's updates and new minibatches
+flow in; random draws are graph operations, so every call draws afresh and, on the same seed, the
+same numbers as the eager path. The reported terms
+(:attr:`~pyro_vi_ext.infer._loss_base.ParticleELBO.last_terms`) are outputs of the graph. The
+backward pass is autograd's, op by op.
 
 ``jit="inductor"``: :class:`InductorCompiledLoss` captures, per signature, one graph computing
 the loss value, its terms *and* the gradients :math:`g_\theta = \partial L / \partial \theta`
@@ -27,33 +28,58 @@ overhead, no fused kernels) with a warning; when the capture itself fails, the c
 with a warning. A tensor that requires grad but is not reached through ``pyro.param`` /
 ``pyro.module`` (a closure) would become a constant of the graph: such a model runs eagerly.
 
+The first call of a signature runs eagerly (its value, gradients and terms are the eager
+path's; a guide that sets itself up on its first call, e.g. an autoguide, draws its set-up
+numbers there exactly as without ``jit``) and the graph is captured right after it, with the
+random state restored, so every later call draws the numbers the eager path would.
+
 What recompiles, on both paths (a new trace, kept next to the old ones, at most
 :data:`MAX_TRACES`): a new model or guide, new shapes, dtypes or devices of the tensor arguments,
 a new value of a non-tensor argument, switching gradients on or off (``loss`` and
-``differentiable_loss`` have one graph each), and a new loss state that changes the maths (e.g.
-the annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time
-they change: keep such schedules on the eager or ``jit=True`` path). What is *baked in* and does
-not recompile: Python control flow on tensor values inside the model or guide, a
-:func:`pyro.poutine.scale` whose value changes between calls, and the value-dependent validation
-checks (finite observations), which run when capturing only, and tensors the program reads from
-a closure or a global instead of its arguments (constants of the graph: pass data that changes as
-an argument). Models whose structure depends on the data in those ways should stay eager. On the
-inductor path, freezing or unfreezing a parameter (``requires_grad``) also recaptures, and after
-:data:`INDUCTOR_MANY_COMPILES` graphs in one loss a warning says that it keeps recompiling.
+``differentiable_loss`` have one graph each), the ``train()`` / ``eval()`` flags of the
+``nn.Module`` objects the program called (dropout, batch norm: one graph per combination), a
+module of the program replaced by another object or given other parameter objects, a parameter
+removed from or replaced in the param store (``pyro.clear_param_store()``,
+``get_param_store().set_state(...)``), and a new loss state that changes the maths (e.g. the
+annealed weights of :class:`~pyro_vi_ext.DecomposedELBO`, which then recompiles each time they
+change: keep such schedules on the eager or ``jit=True`` path). A model or guide that reads a
+tensor value into Python (``if (x > 0).all():``, ``.item()``, ``float(t)``, ``int(t)``,
+``.tolist()``, indexing with a tensor) runs eagerly with a warning naming the file and line: a
+graph would freeze that branch or number at its first value. Such reads by torch, Pyro or this
+package (validation checks, which raise rather than branch) do not count; they run on the first
+call only.
+
+.. warning::
+   Python values that the model or guide reads from a **global or a closure** are *frozen* at the
+   capture and nothing detects a change: e.g. a KL-annealing factor ``poutine.scale(scale=beta)``
+   with a global ``beta`` keeps its first value. Pass such a value as an **argument** of model and
+   guide (as Pyro's annealing tutorial does): a float argument recompiles for each new value
+   (correct, seconds per value on the inductor path); a 0-d tensor argument flows into the
+   graph (no recompile). Tensors read from a closure or a global are constants of the graph in
+   the same way: pass data that changes as an argument. Weights changed in place (``.data``,
+   ``copy_``) are seen. A module replaced by a new object is detected once the old object is
+   gone (garbage collected); while the old one stays referenced elsewhere (say, in a list of
+   checkpoints) it is not: call ``pyro.clear_param_store()`` or build a new loss after the swap.
+
+On the inductor path, freezing or unfreezing a parameter (``requires_grad``) also recaptures, and
+after :data:`INDUCTOR_MANY_COMPILES` graphs in one loss a warning says that it keeps recompiling.
 
 ``torch.jit.trace`` is marked deprecated in torch 2.13 (in favour of ``torch.compile``, which
 breaks the graph at every Pyro messenger); it is what Pyro's own ``JitTrace_ELBO`` uses and it
-works here; its deprecation warning is silenced inside this module only. If tracing fails (a
-parameter the trace cannot see, an operation ``torch.jit.trace`` does not support), the loss runs
-the same call eagerly; if that succeeds the signature stays eager and a warning saying why is
-given once, otherwise the eager error is raised as without ``jit``.
+works here; its deprecation warning is silenced inside this module only. The first, eager run
+of a signature raises the eager error as without ``jit``; if tracing after it fails (a parameter
+the trace cannot see, an operation ``torch.jit.trace`` does not support), the signature stays
+eager and a warning saying why is given once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
 import warnings
+import weakref
 from collections.abc import Callable
 
 import pyro
@@ -132,10 +158,12 @@ class _Trace:
         self.module_leaves = module_leaves
         self.term_names = term_names
         self.graph = graph
+        #: the param store's tensors the graph was captured with (see :func:`_store_tensors`)
+        self.store_tensors: list[torch.Tensor] = []
 
 
 class _Inputs:
-    """What one capturing run reaches: parameter names and leaves, argument tensors, RNG state."""
+    """What the observed eager run reached: parameters, argument tensors, modules, value reads."""
 
     def __init__(
         self,
@@ -143,13 +171,114 @@ class _Inputs:
         module_leaves: list[torch.Tensor],
         leaves: list[torch.Tensor],
         arg_tensors: list[torch.Tensor],
-        rng: tuple,
+        modules: list[tuple[weakref.ref, tuple]],
+        value_read: str | None,
     ):
         self.param_names = param_names
         self.module_leaves = module_leaves
         self.leaves = leaves
         self.arg_tensors = arg_tensors
-        self.rng = rng
+        self.modules = modules
+        self.value_read = value_read
+
+
+#: folders whose reads of tensor values are validation, not the user's control flow
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+    for module in (torch, pyro, sys.modules[__name__.split(".")[0]])
+)
+
+#: the tensor methods that turn a tensor value into a Python value (a branch, an index, a number)
+_VALUE_READS = frozenset(
+    {
+        torch.Tensor.__bool__,
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+    }
+)
+
+
+class _ValueReadWatch(torch.overrides.TorchFunctionMode):
+    """Note the first read of a tensor value into Python made by user code (file:line).
+
+    Reads from torch, Pyro or this package (validation that raises rather than branches) are
+    not counted; a read from the user's model or guide is control flow (or a number) that a
+    captured graph would freeze.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.where is None and func in _VALUE_READS:
+            frame = sys._getframe(1)
+            filename = os.path.abspath(frame.f_code.co_filename)
+            if not filename.startswith(_LIBRARY_DIRS):
+                self.where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _record_modules():
+    """Yield the list of the ``nn.Module`` objects called inside (each once, in call order)."""
+    called: dict[int, torch.nn.Module] = {}
+
+    def note(module, inputs):
+        called.setdefault(id(module), module)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    modules: list[torch.nn.Module] = []
+    try:
+        yield modules
+    finally:
+        handle.remove()
+        modules.extend(called.values())
+
+
+def _module_guard(module: torch.nn.Module) -> tuple[weakref.ref, tuple]:
+    return weakref.ref(module), tuple(module._parameters.values())
+
+
+def _modules_changed(modules: list[tuple[weakref.ref, tuple]]) -> bool:
+    """Whether a module the graph ran is gone or holds other parameter objects than then."""
+    for ref, params in modules:
+        module = ref()
+        if module is None:
+            return True
+        current = module._parameters.values()
+        if len(current) != len(params):
+            return True
+        if any(a is not b for a, b in zip(current, params, strict=True)):
+            return True
+    return False
+
+
+def _same_modules(old: list | None, new: list) -> bool:
+    """Whether two module records (of :func:`_module_guard`) name the same module objects."""
+    return old is not None and [ref() for ref, _ in old] == [ref() for ref, _ in new]
+
+
+def _training_flags(modules: list[tuple[weakref.ref, tuple]]) -> tuple[bool, ...]:
+    return tuple(ref().training for ref, _ in modules)
+
+
+def _store_tensors(names: list[str]) -> list[torch.Tensor]:
+    """Return the unconstrained tensors the param store holds under ``names``."""
+    params = pyro.get_param_store()._params
+    return [params[name] for name in names]
+
+
+def _store_changed(trace: _Trace) -> bool:
+    """Whether a parameter of the graph was removed or replaced in the param store."""
+    params = pyro.get_param_store()._params
+    for name, tensor in zip(trace.param_names, trace.store_tensors, strict=True):
+        if params.get(name) is not tensor:
+            return True
+    return False
 
 
 class CompiledLoss:
@@ -164,6 +293,9 @@ class CompiledLoss:
     def __init__(self) -> None:
         self.traces: dict[object, _Trace] = {}
         self.eager: dict[object, str] = {}
+        #: per signature, the modules the program called when captured (weakly) and their
+        #: parameter objects; their training flags complete the key of a trace
+        self.modules: dict[object, list[tuple[weakref.ref, tuple]]] = {}
         self.compile_count = 0
         self._warned: set[str] = set()
 
@@ -213,10 +345,25 @@ class CompiledLoss:
         refusal = loss.compile_refusal()
         if refusal is not None:
             return self._eager(loss, method, key, refusal, model, guide, args, kwargs)
-        trace = self.traces.get(key)
-        if trace is None:
+        modules = self.modules.get(key)
+        if modules is None:
+            return self._compile(loss, method, key, model, guide, args, kwargs)
+        if _modules_changed(modules):
+            # a module was replaced (or its parameters were): its graphs read stale weights
+            self._forget(key)
+            return self._compile(loss, method, key, model, guide, args, kwargs)
+        full_key = (key, _training_flags(modules))
+        trace = self.traces.get(full_key)
+        if trace is None or _store_changed(trace):
+            # new train()/eval() flags, or a parameter cleared / replaced in the param store
             return self._compile(loss, method, key, model, guide, args, kwargs)
         return self._replay(loss, trace, model, guide, args, kwargs)
+
+    def _forget(self, key) -> None:
+        """Drop the graphs of signature ``key`` (all training flags)."""
+        self.modules.pop(key, None)
+        for full_key in [k for k in self.traces if k[0] == key]:
+            del self.traces[full_key]
 
     def _replay(self, loss, trace: _Trace, model, guide, args, kwargs) -> torch.Tensor:
         leaves = self._leaves(trace.param_names, trace.module_leaves, model, guide)
@@ -227,10 +374,20 @@ class CompiledLoss:
         loss.set_compiled_terms(dict(zip(trace.term_names, terms, strict=True)))
         return value
 
-    def _keep(self, key, trace) -> None:
+    def _keep(self, key, found: _Inputs, trace: _Trace) -> None:
+        """Keep ``trace`` for ``key`` and the training flags of the modules it ran."""
+        if not _same_modules(self.modules.get(key), found.modules):
+            self._forget(key)  # another set of modules: the old flags do not describe it
+            self.modules[key] = found.modules
+        full_key = (key, _training_flags(found.modules))
+        self.traces.pop(full_key, None)
         if len(self.traces) >= MAX_TRACES:
-            self.traces.pop(next(iter(self.traces)))
-        self.traces[key] = trace
+            oldest = next(iter(self.traces))
+            self.traces.pop(oldest)
+            if not any(k[0] == oldest[0] for k in self.traces):
+                self.modules.pop(oldest[0], None)
+        trace.store_tensors = _store_tensors(trace.param_names)
+        self.traces[full_key] = trace
         self.compile_count += 1
 
     def _warn_once(self, loss, why: str, consequence: str) -> None:
@@ -243,8 +400,13 @@ class CompiledLoss:
 
     def _eager(self, loss, method, key, why: str, model, guide, args, kwargs) -> torch.Tensor:
         value = method(loss, model, guide, *args, **kwargs)  # an eager error propagates
+        return self._stay_eager(loss, key, why, value)
+
+    def _stay_eager(self, loss, key, why: str, value: torch.Tensor) -> torch.Tensor:
+        """Keep signature ``key`` eager, say why once, and return the eager ``value``."""
         if key is not None:
             self.eager[key] = why
+            self._forget(key)
         self._warn_once(
             loss,
             why,
@@ -253,68 +415,79 @@ class CompiledLoss:
         )
         return value
 
-    def _discover(self, loss, method, model, guide, args, kwargs) -> _Inputs:
-        """Run the call once without gradients to find the parameters it reaches.
+    def _observe(self, loss, method, model, guide, args, kwargs) -> tuple[torch.Tensor, _Inputs]:
+        """Run the call eagerly, noting the parameters, modules and value reads it makes.
 
-        The random state is restored afterwards, so that the capturing run draws the numbers the
-        eager run would.
+        The eager run is this call's result: a guide that sets itself up on its first call (an
+        autoguide) draws its set-up numbers as on the eager path, and the graph is captured
+        afterwards, from a set-up program (the random state is restored after the capture).
         """
-        rng = _rng_state()
-        with poutine.block(), poutine.trace(param_only=True) as capture, torch.no_grad():
-            with _quiet_terms(loss):
-                method(loss, model, guide, *args, **kwargs)
-        _set_rng_state(rng)
+        watch = _ValueReadWatch()
+        with poutine.trace(param_only=True) as capture, _record_modules() as modules:
+            with watch:
+                value = method(loss, model, guide, *args, **kwargs)
         params = [site for site in capture.trace.nodes.values() if site["type"] == "param"]
-        param_names = [site["name"] for site in params]
+        param_names = list(dict.fromkeys(site["name"] for site in params))
         # the module's own parameters, handed to pyro.module's pyro.param as initial values: a
         # module uses them even when the store holds another tensor under its name (two models
         # registering modules under the same name)
-        module_leaves = [
-            init
-            for site in params
-            for init in site["args"][1:2]
-            if isinstance(init, torch.nn.Parameter) and init.requires_grad
-        ]
+        module_leaves = list(
+            {
+                id(init): init
+                for site in params
+                for init in site["args"][1:2]
+                if isinstance(init, torch.nn.Parameter) and init.requires_grad
+            }.values()
+        )
         leaves = self._leaves(param_names, module_leaves, model, guide)
         arg_tensors: list[torch.Tensor] = []
         _flatten_tensors((tuple(args), dict(kwargs)), arg_tensors)
-        return _Inputs(param_names, module_leaves, leaves, arg_tensors, rng)
+        guards = [_module_guard(module) for module in modules]
+        found = _Inputs(param_names, module_leaves, leaves, arg_tensors, guards, watch.where)
+        return value, found
+
+    def _prepare(self, loss, method, key, model, guide, args, kwargs):
+        """Run the call eagerly; return ``(value, found)``, ``found`` None when it stays eager."""
+        value, found = self._observe(loss, method, model, guide, args, kwargs)
+        if found.value_read is not None:
+            why = (
+                f"the model or guide reads a tensor value into Python at {found.value_read} "
+                "(e.g. `if (x > 0).all():`, `.item()`); a compiled graph would freeze that "
+                "branch or number at its first value"
+            )
+            return self._stay_eager(loss, key, why, value), None
+        return value, found
 
     def _compile(self, loss, method, key, model, guide, args, kwargs) -> torch.Tensor:
-        found = self._discover(loss, method, model, guide, args, kwargs)
-        param_names, module_leaves, rng = found.param_names, found.module_leaves, found.rng
+        value, found = self._prepare(loss, method, key, model, guide, args, kwargs)
+        if found is None:
+            return value
+        param_names, module_leaves = found.param_names, found.module_leaves
         leaves, arg_tensors = found.leaves, found.arg_tensors
         num_leaves = len(leaves)
         term_names: list[str] = []
-        first_outputs: list[tuple] = []
 
         def traced(*inputs):
             call_args, call_kwargs = _rebuild(
                 (tuple(args), dict(kwargs)), list(inputs[num_leaves:])
             )
             with loss.deferred_terms() as terms:
-                value = method(loss, model, guide, *call_args, **call_kwargs)
+                traced_value = method(loss, model, guide, *call_args, **call_kwargs)
             term_names[:] = list(terms)
-            outputs = (value, *terms.values())
-            first_outputs.append(outputs)
-            return outputs
+            return (traced_value, *terms.values())
 
         try:
-            with warnings.catch_warnings():
+            with _same_rng(), _kept_terms(loss), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 # torch 2.13 marks torch.jit.trace deprecated; it still works (see module note)
                 warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
                 graph = torch.jit.trace(
                     traced, (*leaves, *arg_tensors), check_trace=False, strict=False
                 )
-        except Exception as error:  # noqa: BLE001 - any tracing failure: try the eager path
-            _set_rng_state(rng)
+        except Exception as error:  # noqa: BLE001 - any tracing failure: stay eager
             why = f"torch.jit.trace failed ({type(error).__name__}: {str(error).splitlines()[0]})"
-            return self._eager(loss, method, key, why, model, guide, args, kwargs)
-        self._keep(key, _Trace(param_names, module_leaves, list(term_names), graph))
-        # the tracing run computed this call's result (with its graph): return it
-        value, *terms = first_outputs[-1]
-        loss.set_compiled_terms(dict(zip(term_names, terms, strict=True)))
+            return self._stay_eager(loss, key, why, value)
+        self._keep(key, found, _Trace(param_names, module_leaves, list(term_names), graph))
         return value
 
 
@@ -414,13 +587,14 @@ def cpp_compiler_problem() -> str | None:
 class InductorCompiledLoss(CompiledLoss):
     r"""The loss and its gradients as one graph per signature, compiled by torch inductor.
 
-    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs the eager
-    ``differentiable_loss`` followed by :func:`torch.autograd.grad` of its result with respect to
-    every parameter leaf under :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors,
-    so the Pyro messengers run once and leave only the ATen operations they caused), and hands
-    that forward-and-backward graph to :func:`torch._inductor.compile`. Later calls run the
-    compiled kernels without gradient recording and return the value through a one-node autograd
-    function whose backward adds the precomputed gradients, scaled by the incoming gradient:
+    A loss built with ``jit="inductor"`` holds one. The first call of a signature runs eagerly (its
+    result is the eager one), then captures the eager ``differentiable_loss`` followed by
+    :func:`torch.autograd.grad` of its result with respect to every parameter leaf under
+    :func:`torch.fx.experimental.proxy_tensor.make_fx` (real tensors, so the Pyro messengers run
+    once and leave only the ATen operations they caused), and hands that forward-and-backward graph
+    to :func:`torch._inductor.compile`. Later calls run the compiled kernels without gradient
+    recording and return the value through a one-node autograd function whose backward adds the
+    precomputed gradients, scaled by the incoming gradient:
     :math:`\partial (c L) / \partial \theta = c\, g_\theta`.
 
     Random draws stay ATen calls (``fallback_random``), so on the same seed the compiled loss
@@ -466,14 +640,15 @@ class InductorCompiledLoss(CompiledLoss):
         return _PrecomputedGradients.apply(value, gradients, *targets)
 
     def _compile(self, loss, method, key, model, guide, args, kwargs) -> torch.Tensor:
-        found = self._discover(loss, method, model, guide, args, kwargs)
+        eager_value, found = self._prepare(loss, method, key, model, guide, args, kwargs)
+        if found is None:
+            return eager_value
         inputs = [*found.leaves, *found.arg_tensors]
         num_leaves = len(found.leaves)
         with_grad = torch.is_grad_enabled()
         grad_positions = [i for i, tensor in enumerate(inputs) if tensor.requires_grad]
         used_positions: list[int] = []  # inputs the value depends on (the others get no .grad)
         term_names: list[str] = []
-        first_outputs: list[tuple] = []
 
         def loss_and_gradients(*traced_inputs):
             call_args, call_kwargs = _rebuild(
@@ -491,20 +666,19 @@ class InductorCompiledLoss(CompiledLoss):
                 used = [(i, g) for i, g in pairs if g is not None]
                 used_positions[:] = [i for i, _ in used]
                 gradients = [g for _, g in used]
-            outputs = (value.detach(), *terms.values(), *gradients)
-            first_outputs.append(outputs)
-            return outputs
+            return (value.detach(), *terms.values(), *gradients)
 
         # imported here: both modules are heavy and only this path needs them
         from torch.fx.experimental.proxy_tensor import make_fx
 
         try:
-            # value reads (checks, Python branches on a tensor) run on the real tensors and are
-            # baked in, as under torch.jit.trace
+            # value reads of the library (checks) run on the real tensors and are baked in, as
+            # under torch.jit.trace; the user's were refused by _prepare
             capture = make_fx(
                 loss_and_gradients, tracing_mode="real", _error_on_data_dependent_ops=False
             )
-            graph = capture(*inputs)
+            with _same_rng(), _kept_terms(loss):
+                graph = capture(*inputs)
             _drop_baked_value_reads(graph)
             constant = _constant_requiring_grad(graph)
             if constant is not None:
@@ -512,14 +686,11 @@ class InductorCompiledLoss(CompiledLoss):
                     f"a tensor that requires grad ({constant}) is not reached through "
                     "pyro.param / pyro.module, so the graph would treat it as a constant"
                 )
-        except Exception as error:  # noqa: BLE001 - any capture failure: try the eager path
-            _set_rng_state(found.rng)
+        except Exception as error:  # noqa: BLE001 - any capture failure: stay eager
             why = f"make_fx capture failed ({type(error).__name__}: {_first_line(error)})"
-            return self._eager(loss, method, key, why, model, guide, args, kwargs)
-        # the capturing run computed this call's result; compiling must not move the RNG
-        rng_after_capture = _rng_state()
-        runner, compiled, why = self._inductor(graph, inputs)
-        _set_rng_state(rng_after_capture)
+            return self._stay_eager(loss, key, why, eager_value)
+        with _same_rng():  # compiling must not move the RNG either
+            runner, compiled, why = self._inductor(graph, inputs)
         if why is not None:
             self._warn_once(
                 loss, why, "runs its captured graph uncompiled (same values, no fused kernels)"
@@ -534,7 +705,7 @@ class InductorCompiledLoss(CompiledLoss):
             method,
             key,
         )
-        self._keep(key, trace)
+        self._keep(key, found, trace)
         if self.compile_count == INDUCTOR_MANY_COMPILES:
             self._warn_once(
                 loss,
@@ -543,7 +714,7 @@ class InductorCompiledLoss(CompiledLoss):
                 "recompiles); each compile takes seconds, so jit=True may be faster overall",
                 "keeps recompiling",
             )
-        return self._finish(loss, trace, inputs, first_outputs[-1])
+        return eager_value  # this call's result is the eager run's (see _observe)
 
     @staticmethod
     def _inductor(graph, inputs) -> tuple[Callable, bool, str | None]:
@@ -686,12 +857,23 @@ def _set_rng_state(state: tuple) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_terms(loss):
-    saved = dict(loss.last_terms)
+def _same_rng():
+    """Restore the random state on exit (a capture draws numbers no caller sees)."""
+    state = _rng_state()
     try:
         yield
     finally:
-        loss.last_terms = saved
+        _set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _kept_terms(loss):
+    """Keep the eager run's reported terms (pending or computed) across a capture."""
+    saved = loss._pending_terms, loss._last_terms
+    try:
+        yield
+    finally:
+        loss._pending_terms, loss._last_terms = saved
 
 
 __all__ = [

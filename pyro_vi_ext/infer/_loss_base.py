@@ -61,7 +61,9 @@ class ParticleELBO(ELBO):
         the eager path on the same draws, eager fallback with a warning when tracing fails.
         ``"inductor"``: capture loss and gradients as one graph and compile it with torch
         inductor (fused kernels; seconds to compile each signature, needs a C++ compiler, else
-        the captured graph runs uncompiled). See :mod:`pyro_vi_ext.infer._compiled`.
+        the captured graph runs uncompiled). Values the model or guide reads from a global or
+        a closure (e.g. a KL-annealing factor in ``poutine.scale``) are frozen at the first call:
+        pass them as arguments. See :mod:`pyro_vi_ext.infer._compiled`.
     """
 
     #: whether ``vectorize_particles=False`` (a loop over particles) is supported

@@ -103,6 +103,8 @@ class ImportanceWeightedELBO(BoundELBO):
         the eager path on the same draws, eager fallback with a warning when tracing fails.
         ``"inductor"``: loss and gradients as one graph per signature compiled by torch inductor
         (fastest per step; seconds to compile; uncompiled graph without a C++ compiler).
+        Values the model or guide reads from a global or a closure (e.g. a KL-annealing
+        factor in ``poutine.scale``) are frozen at the first call: pass them as arguments.
         See :mod:`pyro_vi_ext.infer._compiled`.
     particle_chunk_size : int or None
         Evaluate the particles ``C`` at a time (default ``None``: all in one run), so that peak
