@@ -85,6 +85,10 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+
+from pyro_vi_ext.infer import _weights
 
 #: maximum number of traces kept per loss; the oldest is dropped beyond it
 MAX_TRACES = 32
@@ -220,6 +224,46 @@ class _ValueReadWatch(torch.overrides.TorchFunctionMode):
             if not filename.startswith(_LIBRARY_DIRS):
                 self.where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         return func(*args, **(kwargs or {}))
+
+
+def _argument_numbers(value: object, out: set[float]) -> None:
+    """Collect the Python numbers among the (nested) arguments ``value``."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        out.add(float(value))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _argument_numbers(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _argument_numbers(item, out)
+
+
+class _FrozenScaleWatch(Messenger):
+    """Note the first sample site whose user scale is a Python number not among the arguments.
+
+    Such a scale (``poutine.scale(scale=beta)`` with ``beta`` read from a global or a closure,
+    e.g. a KL-annealing factor) is a constant of a captured graph: a later change of ``beta``
+    is not seen. A number passed as an argument is part of the signature (a new value
+    recompiles) and a tensor scale is an input of the graph, so neither is noted. The plates'
+    subsampling factors are divided out by :func:`~pyro_vi_ext.infer._weights.site_user_scale`.
+    """
+
+    def __init__(self, argument_numbers: set[float]) -> None:
+        super().__init__()
+        self.argument_numbers = argument_numbers
+        self.where: str | None = None
+
+    def _pyro_post_sample(self, msg) -> None:
+        if self.where is not None or isinstance(msg["scale"], torch.Tensor):
+            return
+        if any(isinstance(frame, _weights.DataPlateScaling) for frame in _PYRO_STACK):
+            return  # fit(data_plate=...) scales by N / B itself
+        scale = _weights.site_user_scale(msg)
+        if scale is None or scale == 1.0 or scale in self.argument_numbers:
+            return
+        self.where = f"site {msg['name']!r} has the user scale {scale:g}"
 
 
 @contextlib.contextmanager
@@ -423,9 +467,21 @@ class CompiledLoss:
         afterwards, from a set-up program (the random state is restored after the capture).
         """
         watch = _ValueReadWatch()
+        numbers: set[float] = set()
+        _argument_numbers((args, kwargs), numbers)
+        scales = _FrozenScaleWatch(numbers)
         with poutine.trace(param_only=True) as capture, _record_modules() as modules:
-            with watch:
+            with watch, scales:
                 value = method(loss, model, guide, *args, **kwargs)
+        if scales.where is not None:
+            self._warn_once(
+                loss,
+                f"{scales.where}, a Python number that is not an argument of the model, so the "
+                "graph keeps it; if it changes between steps (KL annealing from a global), pass "
+                "it to the model and guide as an argument (a float recompiles per value, a 0-d "
+                "tensor flows in) or use jit=False",
+                "freezes a scale at its captured value",
+            )
         params = [site for site in capture.trace.nodes.values() if site["type"] == "param"]
         param_names = list(dict.fromkeys(site["name"] for site in params))
         # the module's own parameters, handed to pyro.module's pyro.param as initial values: a

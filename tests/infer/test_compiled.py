@@ -818,6 +818,45 @@ def test_annealing_factor_passed_as_an_argument_is_not_frozen(jit, kind):
     assert loss._compiled.compile_count == (2 if kind == "float" else 1)
 
 
+@pytest.mark.parametrize("source", ["global", "argument", "tensor"])
+@pytest.mark.parametrize("jit", [True, "inductor"])
+def test_a_scale_read_from_a_global_is_warned_about(jit, source):
+    """A poutine.scale number the graph would freeze (not an argument) is named in a warning."""
+    from pyro import poutine
+
+    annealing = {"beta": 0.3}  # not the argument (0.25)
+    x = torch.randn(4)
+
+    def factor(beta):
+        if source == "global":
+            return annealing["beta"]
+        return beta if source == "argument" else torch.tensor(beta)
+
+    def model(x, beta):
+        with pyro.plate("data", 4), poutine.scale(scale=factor(beta)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x, beta):
+        loc = pyro.param("loc", torch.full((4,), 0.3))
+        with pyro.plate("data", 4), poutine.scale(scale=factor(beta)):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=2, max_plate_nesting=1, jit=jit)
+    with _without_compiler(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss.differentiable_loss(model, guide, x, 0.25)
+    messages = [str(w.message) for w in record if "freezes a scale" in str(w.message)]
+    if source == "global":
+        assert len(messages) == 1
+        assert "site 'z'" in messages[0] and "0.3" in messages[0]
+        assert "as an argument" in messages[0]
+    else:
+        assert messages == []
+
+
 @pytest.mark.parametrize("jit", [True, "inductor"])
 def test_autoguide_first_call_equals_eager(jit):
     """An autoguide sets itself up (drawing numbers) on its first call: same draws as eager."""
