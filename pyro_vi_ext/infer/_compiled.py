@@ -85,8 +85,11 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.scale_messenger import ScaleMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
 
 from pyro_vi_ext.infer import _weights
 
@@ -201,7 +204,16 @@ _VALUE_READS = frozenset(
         torch.Tensor.__int__,
         torch.Tensor.__float__,
         torch.Tensor.__index__,
+        torch.Tensor.numpy,
+        torch.equal,
+        torch.allclose,
     }
+)
+
+#: torch files whose tensor methods read a value on the caller's behalf (``x in t``, ``format``)
+_READ_ON_BEHALF = tuple(
+    os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), name)
+    for name in ("_tensor.py", "overrides.py", "_tensor_str.py")
 )
 
 
@@ -221,9 +233,40 @@ class _ValueReadWatch(torch.overrides.TorchFunctionMode):
         if self.where is None and func in _VALUE_READS:
             frame = sys._getframe(1)
             filename = os.path.abspath(frame.f_code.co_filename)
+            while filename in _READ_ON_BEHALF and frame.f_back is not None:
+                frame = frame.f_back  # the code that asked the tensor method for the value
+                filename = os.path.abspath(frame.f_code.co_filename)
             if not filename.startswith(_LIBRARY_DIRS):
                 self.where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         return func(*args, **(kwargs or {}))
+
+
+#: handlers that only record or hide sites (``SVI.step`` wraps every step in a parameter trace)
+_RECORDING_HANDLERS = (TraceMessenger, BlockMessenger)
+
+
+def _outer_handlers() -> tuple:
+    """Describe the Pyro handlers active around the loss call (part of the signature).
+
+    A handler changes the program a graph was captured from: ``fit(data_plate=...)`` scales by
+    its own ``N / B`` (training and evaluation differ), a user's ``poutine.scale`` by its factor.
+    Those two are described by their state, so a change recompiles; a trace or block (SVI's
+    parameter capture) is left out; any other handler counts by its identity, so a graph is
+    only reused under the very same handler object.
+    """
+    described = []
+    for handler in _PYRO_STACK:
+        if isinstance(handler, _RECORDING_HANDLERS):
+            continue  # SVI's parameter capture: records the program, changes nothing in it
+        if isinstance(handler, _weights.DataPlateScaling):
+            described.append(
+                ("data_plate", handler.plate_name, handler.full_size, handler.batch_size)
+            )
+        elif isinstance(handler, ScaleMessenger) and not isinstance(handler.scale, torch.Tensor):
+            described.append(("scale", float(handler.scale)))
+        else:
+            described.append((type(handler).__qualname__, id(handler)))
+    return tuple(described)
 
 
 def _argument_numbers(value: object, out: set[float]) -> None:
@@ -247,7 +290,8 @@ class _FrozenScaleWatch(Messenger):
     e.g. a KL-annealing factor) is a constant of a captured graph: a later change of ``beta``
     is not seen. A number passed as an argument is part of the signature (a new value
     recompiles) and a tensor scale is an input of the graph, so neither is noted. The plates'
-    subsampling factors are divided out by :func:`~pyro_vi_ext.infer._weights.site_user_scale`.
+    subsampling factors (``fit(data_plate=...)``'s included: it marks the plate's full size) are
+    divided out by :func:`~pyro_vi_ext.infer._weights.site_user_scale`.
     """
 
     def __init__(self, argument_numbers: set[float]) -> None:
@@ -258,8 +302,6 @@ class _FrozenScaleWatch(Messenger):
     def _pyro_post_sample(self, msg) -> None:
         if self.where is not None or isinstance(msg["scale"], torch.Tensor):
             return
-        if any(isinstance(frame, _weights.DataPlateScaling) for frame in _PYRO_STACK):
-            return  # fit(data_plate=...) scales by N / B itself
         scale = _weights.site_user_scale(msg)
         if scale is None or scale == 1.0 or scale in self.argument_numbers:
             return
@@ -352,6 +394,7 @@ class CompiledLoss:
             _signature(tuple(args)),
             _signature(dict(kwargs)),
             loss.compile_state(),
+            _outer_handlers(),
         )
 
     def _leaves(

@@ -289,8 +289,17 @@ def _side_effect_free() -> Iterator[None]:
         with poutine.block(), torch.random.fork_rng(devices=cuda_devices):
             yield
     finally:
-        for name in set(store.keys()) - existing:
-            del store[name]
+        added = set(store.keys()) - existing
+        # a module registered under two names holds one tensor twice; the store maps each tensor
+        # back to one name, so drop only tensors no earlier name holds, each once
+        kept = {id(value) for name, value in store.named_parameters() if name not in added}
+        for name, value in list(store.named_parameters()):
+            if name not in added or id(value) in kept:
+                continue
+            try:
+                del store[name]
+            except KeyError:  # its tensor's reverse entry went with an earlier alias
+                pass
 
 
 def _one_sequential_particle_runs(model: Callable, guide: Callable, args, kwargs) -> bool:

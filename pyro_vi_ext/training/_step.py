@@ -315,8 +315,10 @@ def optimizer_step(
         failure = f"gradient (norm {grad_norm})"
         return StepOutcome(loss_value, terms, grad_norm, params, failure, interrupt_requested)
     if config.clip_norm is not None and grads:
-        norm = torch.tensor(grad_norm, dtype=grads[0].dtype, device=grads[0].device)
-        clip_to_norm(params, config.clip_norm, norm)
+        # a Python factor: the norm may exceed the gradients' dtype range (float16, float32)
+        factor = config.clip_norm / (grad_norm + 1e-6)
+        if factor < 1.0:
+            torch._foreach_mul_(grads, factor)
     if config.clip_value is not None:
         torch.nn.utils.clip_grad_value_(params, config.clip_value)
     config.optim(params)

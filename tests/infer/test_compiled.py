@@ -885,3 +885,67 @@ def test_autoguide_first_call_equals_eager(jit):
                 rows.append((value.detach(), torch.autograd.grad(value, pyro.param("weight"))[0]))
         out[option] = rows
     _assert_close_rows(out[False], out[jit])
+
+
+@pytest.mark.parametrize("jit", [True, "inductor"])
+def test_fit_evaluation_under_its_own_data_plate_scale_is_not_a_stale_graph(jit):
+    """fit's evaluation scales by the eval N / B: training's graph (its N / B) is not reused."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_vi_ext import fit
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def run(option):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        train, held_out = (torch.randn(40) + 1.0,), (torch.randn(10) + 1.0,)
+        loss = ImportanceWeightedELBO(num_particles=1, jit=option)
+        with _without_compiler(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fit(
+                model,
+                AutoNormal(model),
+                train,
+                loss,
+                pyro.optim.Adam({"lr": 0.0}),
+                num_epochs=1,
+                batch_size=10,
+                eval_data=held_out,
+                eval_batch_size=10,
+                data_plate="data",
+                progress=False,
+                seed=0,
+            )
+        return float(result.epoch_history["eval_loss"][-1])
+
+    assert run(jit) == pytest.approx(run(False), rel=1e-5)
+
+
+@pytest.mark.parametrize("jit", [True, "inductor"])
+def test_a_branch_on_torch_equal_runs_eagerly(jit):
+    """torch.equal returns a Python bool without Tensor.__bool__: still a frozen branch."""
+    x = torch.randn(3)
+
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(3))
+        shift = 50.0 if torch.equal(x[:1], torch.zeros(1)) else 0.0
+        pyro.sample("x", dist.Normal(loc + shift, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    pyro.clear_param_store()
+    loss = ImportanceWeightedELBO(num_particles=1, jit=jit)
+    with _without_compiler(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        values = [
+            loss.differentiable_loss(model, guide, data).item()
+            for data in (torch.zeros(3), torch.zeros(3), x)
+        ]
+    assert values[2] == pytest.approx(-dist.Normal(0.0, 1.0).log_prob(x).sum().item(), rel=1e-6)
+    assert any("reads a tensor value" in str(w.message) for w in record)
+    assert loss._compiled.compile_count == 0

@@ -201,3 +201,28 @@ def test_bound_is_evaluated_once_unless_the_reported_value_differs(monkeypatch):
             return super().reported_value(log_weights) + 1.0
 
     assert not OwnReport(num_particles=2).reports_bound_value()
+
+
+def test_a_probe_run_cleans_up_a_module_registered_under_two_names():
+    """One nn.Module under two pyro.module names: the probe's store clean-up neither raises nor
+    drops an entry that existed before it."""
+    import pyro
+    from torch import nn
+
+    from pyro_vi_ext.infer._weights import _side_effect_free
+
+    shared = nn.Linear(2, 2)
+    pyro.clear_param_store()
+    with _side_effect_free():
+        pyro.module("decoder", shared)
+        pyro.module("encoder", shared)
+    assert list(pyro.get_param_store().keys()) == []
+
+    pyro.module("decoder", shared)
+    before = sorted(pyro.get_param_store().keys())
+    with _side_effect_free():
+        pyro.module("encoder", shared)
+    store = pyro.get_param_store()
+    assert set(before) <= set(store.keys())
+    for name in before:
+        assert store.param_name(store.get_param(name).unconstrained()) is not None

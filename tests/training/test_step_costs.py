@@ -110,3 +110,34 @@ def test_isolated_rng_restores_torch_python_and_numpy():
     after = (torch.rand(2), random.random(), np.random.rand())  # noqa: NPY002
     assert torch.equal(after[0], expected[0])
     assert after[1] == expected[1] and after[2] == expected[2]
+
+
+def test_clipping_a_norm_beyond_the_gradient_dtype_range_scales_instead_of_zeroing():
+    """A float32 gradient norm above float32's range (finite in float64) is clipped, not zeroed."""
+    import pyro
+    import pyro.distributions as dist  # noqa: F401 - the model only needs a factor
+
+    from pyro_vi_ext import ImportanceWeightedELBO, fit
+
+    def model(x, idx=None, n_data=None):
+        weight = pyro.param("weight", torch.zeros(2))
+        pyro.factor("huge", (weight * 3e38).sum())
+
+    def guide(x, idx=None, n_data=None):
+        pass
+
+    pyro.clear_param_store()
+    fit(
+        model,
+        guide,
+        (torch.zeros(4),),
+        ImportanceWeightedELBO(num_particles=1),
+        pyro.optim.SGD({"lr": 1.0}),
+        num_epochs=1,
+        batch_size=4,
+        clip_norm=1.0,
+        progress=False,
+        seed=0,
+    )
+    weight = pyro.param("weight").detach()
+    torch.testing.assert_close(weight, torch.full((2,), 2**-0.5), rtol=1e-5, atol=1e-6)
