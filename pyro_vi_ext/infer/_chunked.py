@@ -59,13 +59,11 @@ References
 
 from __future__ import annotations
 
-import random
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyro
 import torch
 from pyro.poutine.messenger import Messenger
@@ -77,6 +75,7 @@ from pyro_vi_ext.infer._gradients import (
     leave_one_out_signals,
     needs_detached_guide,
 )
+from pyro_vi_ext.infer._random_state import GlobalRandomState
 from pyro_vi_ext.infer._validation import ParticleChunkingError
 from pyro_vi_ext.infer._weights import PARTICLE_PLATE, ParticleWeights, trace_particles
 
@@ -159,33 +158,6 @@ def differentiable_loss_refusal(loss: BoundELBO) -> ParticleChunkingError:
         f"particle_chunk_size=None (or >= {total}) for a differentiable loss (ELBOModule, a "
         "plain torch optimizer)."
     )
-
-
-@dataclass(frozen=True)
-class _RandomState:
-    """The global random generators' states: torch (CPU, initialized CUDA), Python, NumPy."""
-
-    torch_cpu: torch.Tensor
-    torch_cuda: tuple[torch.Tensor, ...]
-    python: object
-    numpy: object
-
-    @classmethod
-    def capture(cls) -> _RandomState:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        return cls(
-            torch.get_rng_state(),
-            tuple(torch.cuda.get_rng_state_all()) if cuda else (),
-            random.getstate(),
-            np.random.get_state(),  # noqa: NPY002 - the legacy global stream user code draws
-        )
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.torch_cpu)
-        if self.torch_cuda:
-            torch.cuda.set_rng_state_all(list(self.torch_cuda))
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)  # noqa: NPY002 - as above
 
 
 class _SubsamplePins(Messenger):
@@ -377,7 +349,7 @@ def _first_pass(
     kwargs: dict,
     pins: _SubsamplePins,
     record_states: bool,
-) -> tuple[torch.Tensor, _PointScale, bool, list[_RandomState]]:
+) -> tuple[torch.Tensor, _PointScale, bool, list[GlobalRandomState]]:
     """Pass 1: the ``[S, P]`` log-weights chunk by chunk without graph (and the random states)."""
     nesting = loss._model_plate_nesting(model, guide, args, kwargs)
     total = loss.num_outer * loss.num_particles
@@ -395,7 +367,7 @@ def _first_pass(
             with torch.no_grad(), modules:
                 for index, (start, stop) in enumerate(_chunks(total, loss.particle_chunk_size)):
                     if record_states:
-                        states.append(_RandomState.capture())
+                        states.append(GlobalRandomState.capture())
                     pins.pinning = index > 0
                     with pins:
                         weights = _trace_chunk(
@@ -483,7 +455,7 @@ def chunked_loss_and_grads(
     flat, point_scale, has_score_sites, states = _first_pass(
         loss, model, guide, args, kwargs, pins, True
     )
-    end_of_first_pass = _RandomState.capture()
+    end_of_first_pass = GlobalRandomState.capture()
     log_weights = flat.reshape(num_outer, num_particles, -1)
     value = _value_and_terms(loss, log_weights, point_scale)
     if not torch.is_grad_enabled():

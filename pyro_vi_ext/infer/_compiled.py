@@ -92,6 +92,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from pyro.poutine.trace_messenger import TraceMessenger
 
 from pyro_vi_ext.infer import _weights
+from pyro_vi_ext.infer._random_state import same_random_state
 
 #: maximum number of traces kept per loss; the oldest is dropped beyond it
 MAX_TRACES = 32
@@ -576,7 +577,7 @@ class CompiledLoss:
             return (traced_value, *terms.values())
 
         try:
-            with _same_rng(), _kept_terms(loss), warnings.catch_warnings():
+            with same_random_state(), _kept_terms(loss), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 # torch 2.13 marks torch.jit.trace deprecated; it still works (see module note)
                 warnings.filterwarnings("ignore", ".*torch.jit.trace.*", DeprecationWarning)
@@ -776,7 +777,7 @@ class InductorCompiledLoss(CompiledLoss):
             capture = make_fx(
                 loss_and_gradients, tracing_mode="real", _error_on_data_dependent_ops=False
             )
-            with _same_rng(), _kept_terms(loss):
+            with same_random_state(), _kept_terms(loss):
                 graph = capture(*inputs)
             _drop_baked_value_reads(graph)
             constant = _constant_requiring_grad(graph)
@@ -788,7 +789,7 @@ class InductorCompiledLoss(CompiledLoss):
         except Exception as error:  # noqa: BLE001 - any capture failure: stay eager
             why = f"make_fx capture failed ({type(error).__name__}: {_first_line(error)})"
             return self._stay_eager(loss, key, why, eager_value)
-        with _same_rng():  # compiling must not move the RNG either
+        with same_random_state():  # compiling must not move the RNG either
             runner, compiled, why = self._inductor(graph, inputs)
         if why is not None:
             self._warn_once(
@@ -941,28 +942,6 @@ def compiled_path(jit: object) -> CompiledLoss | None:
     if option == "inductor":
         return InductorCompiledLoss()
     return CompiledLoss() if option else None
-
-
-def _rng_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-@contextlib.contextmanager
-def _same_rng():
-    """Restore the random state on exit (a capture draws numbers no caller sees)."""
-    state = _rng_state()
-    try:
-        yield
-    finally:
-        _set_rng_state(state)
 
 
 @contextlib.contextmanager
